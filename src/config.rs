@@ -1,0 +1,244 @@
+//! The service configuration: a TOML file whose every key has a default, read once at start-up.
+//! Unknown keys are rejected with their name so a typo never silently falls back to a default.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration (`asterisk-voice-agent serve --config FILE`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: listen addresses and protocol timeouts.
+    pub server: ServerConfig,
+    /// `[models]`: where the model files are.
+    pub models: ModelsConfig,
+    /// `[agent]`: what the agent says and how it replies.
+    pub agent: AgentConfig,
+    /// `[llm]`: llama.cpp settings.
+    pub llm: LlmConfig,
+    /// `[tts]`: Piper settings.
+    pub tts: TtsConfig,
+    /// `[vad]`: voice activity detection, endpointing and barge-in.
+    pub vad: VadConfig,
+    /// `[log]`: the conversation log.
+    pub log: LogConfig,
+}
+
+/// `[server]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// AudioSocket listen address. Default `127.0.0.1:8090` (loopback: Asterisk runs on the
+    /// same host). Use `[::1]:8090` for IPv6.
+    pub audiosocket_listen: SocketAddr,
+    /// A connection that sends no id frame within this many ms is closed. Default 2000
+    /// (Asterisk sends the id frame right after connecting).
+    pub id_timeout_ms: u64,
+    /// Upper bound on simultaneous calls; further connections are refused with a log line.
+    /// Default 8.
+    pub max_calls: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            audiosocket_listen: "127.0.0.1:8090".parse().unwrap(),
+            id_timeout_ms: 2000,
+            max_calls: 8,
+        }
+    }
+}
+
+/// `[models]` section. Explicit paths win; otherwise the manifest written by `model-setup` in
+/// `dir` says which files to use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Folder `model-setup` installs into (holds `manifest.json`). Default
+    /// `/var/lib/asterisk-voice-agent/models`.
+    pub dir: PathBuf,
+    /// Vosk model folder (holds `am/`, `conf/`, `graph/`). Default: from the manifest.
+    pub stt: Option<PathBuf>,
+    /// GGUF file for llama.cpp. Default: from the manifest.
+    pub llm: Option<PathBuf>,
+    /// Piper voice `.onnx` file; its `.onnx.json` must sit beside it. Default: from the manifest.
+    pub tts: Option<PathBuf>,
+    /// ONNX Runtime shared library (`libonnxruntime.so.1`). Default: `ORT_DYLIB_PATH`, then
+    /// beside the binary, `/usr/lib/asterisk-voice-agent/`, `~/.cache/asterisk-voice-agent/lib/`.
+    pub onnxruntime: Option<PathBuf>,
+    /// Folder that contains `espeak-ng-data/`. Default: `PIPER_ESPEAKNG_DATA_DIRECTORY`, then
+    /// `/usr/lib/x86_64-linux-gnu` (Debian's `espeak-ng-data` package).
+    pub espeak_data: Option<PathBuf>,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            dir: PathBuf::from("/var/lib/asterisk-voice-agent/models"),
+            stt: None,
+            llm: None,
+            tts: None,
+            onnxruntime: None,
+            espeak_data: None,
+        }
+    }
+}
+
+/// `[agent]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The LLM's system prompt.
+    pub system_prompt: String,
+    /// Spoken as soon as the call connects; synthesized once at start-up.
+    pub greeting: String,
+    /// Most tokens in one reply. Default 60 (a phone reply is one or two sentences).
+    pub max_reply_tokens: u32,
+    /// Caller/agent exchanges kept in the prompt; older ones are dropped. Default 8.
+    pub history_turns: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            system_prompt: "You are a friendly phone receptionist for a small business. \
+                Answer in one or two short sentences, in plain spoken English, with no lists or symbols."
+                .into(),
+            greeting: "Hello, thank you for calling. How can I help you today?".into(),
+            max_reply_tokens: 60,
+            history_turns: 8,
+        }
+    }
+}
+
+/// `[llm]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// llama.cpp threads per call. Default 2.
+    pub threads: i32,
+    /// Context size in tokens per call. Default 2048.
+    pub context: u32,
+    /// Sampling temperature; 0 = greedy. Default 0.6.
+    pub temperature: f32,
+    /// Sampler seed. Default 42.
+    pub seed: u32,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig { threads: 2, context: 2048, temperature: 0.6, seed: 42 }
+    }
+}
+
+/// `[tts]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtsConfig {
+    /// Speaking rate: Piper's length scale (1.0 = the voice's own pace, < 1 faster).
+    /// Default: the voice's own value.
+    pub length_scale: Option<f32>,
+    /// Output gain applied to the synthesized audio. Default 1.0.
+    pub gain: f32,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        TtsConfig { length_scale: None, gain: 1.0 }
+    }
+}
+
+/// `[vad]` section: an energy detector over 20 ms frames of the caller's audio.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VadConfig {
+    /// A 20 ms frame louder than this (RMS, dBFS) counts as speech. Default -40.
+    pub speech_threshold_dbfs: f32,
+    /// Speech must last this long (ms) before an utterance starts (and before it barges in).
+    /// Default 60.
+    pub min_speech_ms: u32,
+    /// Endpointing: the utterance ends after this much non-speech (ms). Default 500.
+    pub end_silence_ms: u32,
+    /// Audio kept from before speech onset and fed to STT (ms). Default 300.
+    pub pre_roll_ms: u32,
+    /// An utterance is cut and recognized after this long (ms). Default 15000.
+    pub max_utterance_ms: u32,
+    /// Caller speech while the agent speaks stops the agent. Default true.
+    pub barge_in: bool,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        VadConfig {
+            speech_threshold_dbfs: -40.0,
+            min_speech_ms: 60,
+            end_silence_ms: 500,
+            pre_roll_ms: 300,
+            max_utterance_ms: 15000,
+            barge_in: true,
+        }
+    }
+}
+
+/// `[log]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Conversation log, one JSON object per line per utterance. Default
+    /// `/var/log/asterisk-voice-agent/conversations.jsonl`.
+    pub conversation_log: PathBuf,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { conversation_log: PathBuf::from("/var/log/asterisk-voice-agent/conversations.jsonl") }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file. Errors name the file and, for an unknown key, the key.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.llm.threads >= 1, "llm.threads must be at least 1");
+        anyhow::ensure!(self.llm.context >= 256, "llm.context must be at least 256 tokens");
+        anyhow::ensure!(self.vad.end_silence_ms >= 100, "vad.end_silence_ms must be at least 100");
+        anyhow::ensure!(self.server.max_calls >= 1, "server.max_calls must be at least 1");
+        anyhow::ensure!(!self.agent.greeting.trim().is_empty(), "agent.greeting must not be empty");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.audiosocket_listen.to_string(), "127.0.0.1:8090");
+        let c = Config::parse("[vad]\nend_silence_ms = 700\n").unwrap();
+        assert_eq!(c.vad.end_silence_ms, 700);
+        assert_eq!(c.vad.min_speech_ms, 60);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = format!("{:#}", Config::parse("[vad]\nend_silense_ms = 700\n").unwrap_err());
+        assert!(e.contains("end_silense_ms"), "{e}");
+        let e = format!("{:#}", Config::parse("[nope]\n").unwrap_err());
+        assert!(e.contains("nope"), "{e}");
+    }
+}

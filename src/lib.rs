@@ -1,0 +1,22 @@
+//! asterisk-voice-agent: a local, offline voice agent for Asterisk over AudioSocket.
+//!
+//! Data flows one way through a call: [`audiosocket`] frames -> [`audio`] (decode, resample)
+//! -> [`vad`] (endpointing, barge-in) -> [`stt`] (Vosk) -> [`conversation`] history -> [`llm`]
+//! (llama.cpp, streamed tokens) -> sentences -> [`tts`] (Piper) -> [`audio`] resample -> 20 ms
+//! frames paced by [`call`] back onto the socket. [`server`] accepts connections and runs one
+//! call task each; [`simulate`] is a black-box caller for tests and benchmarks.
+
+pub mod audio;
+pub mod audiosocket;
+pub mod call;
+pub mod cli;
+pub mod config;
+pub mod conversation;
+pub mod engines;
+pub mod llm;
+pub mod models;
+pub mod server;
+pub mod simulate;
+pub mod stt;
+pub mod tts;
+pub mod vad;
