@@ -62,6 +62,12 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("AVA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    // ONNX Runtime logs every graph transform at INFO: keep it to warnings unless asked.
+    let filter = EnvFilter::try_from_env("AVA_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -1,1 +1,133 @@
-//! (in progress)
+//! The three model engines, loaded once at start-up (in parallel) and shared by every call.
+//! Start-up stops here, with the file's name and the command to fix it, when a model or a
+//! native library is missing or unreadable.
+
+use crate::config::Config;
+use crate::llm::{LlmEngine, LlmSettings};
+use crate::stt::SttEngine;
+use crate::tts::{TtsEngine, TtsSettings};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The shared engines.
+pub struct Engines {
+    /// Vosk.
+    pub stt: Arc<SttEngine>,
+    /// llama.cpp.
+    pub llm: Arc<LlmEngine>,
+    /// Piper.
+    pub tts: Arc<TtsEngine>,
+}
+
+/// Where each model file is, after the config and the manifest were read.
+#[derive(Debug, Clone)]
+pub struct ModelPaths {
+    /// Vosk model folder.
+    pub stt: PathBuf,
+    /// GGUF file.
+    pub llm: PathBuf,
+    /// Piper `.onnx` file.
+    pub tts: PathBuf,
+    /// `libonnxruntime.so.1`.
+    pub onnxruntime: PathBuf,
+    /// Folder holding `espeak-ng-data/`.
+    pub espeak_data: PathBuf,
+}
+
+const FIX: &str = "run `asterisk-voice-agent model-setup` (or set the path under [models] in the config)";
+
+impl ModelPaths {
+    /// Resolves every path from the config (explicit paths win over the manifest) and checks
+    /// that each exists and is readable.
+    pub fn resolve(cfg: &Config) -> Result<ModelPaths> {
+        let m = &cfg.models;
+        let manifest = crate::models::manifest::load(&m.dir);
+        let pick = |explicit: &Option<PathBuf>, kind: crate::models::ModelKind, key: &str| -> Result<PathBuf> {
+            if let Some(p) = explicit {
+                return Ok(p.clone());
+            }
+            match &manifest {
+                Ok(man) => man
+                    .path_for(kind)
+                    .ok_or_else(|| anyhow!("the manifest in {} names no {key} model: {FIX}", m.dir.display())),
+                Err(e) => Err(anyhow!("no [models] {key} path in the config and {e:#}")),
+            }
+        };
+        let paths = ModelPaths {
+            stt: pick(&m.stt, crate::models::ModelKind::Stt, "stt")?,
+            llm: pick(&m.llm, crate::models::ModelKind::Llm, "llm")?,
+            tts: pick(&m.tts, crate::models::ModelKind::Tts, "tts")?,
+            onnxruntime: crate::models::native::find_onnxruntime(m.onnxruntime.as_deref())?,
+            espeak_data: find_espeak_data(m.espeak_data.as_deref())?,
+        };
+        check_readable(&paths.stt, "Vosk model folder", true)?;
+        check_readable(&paths.llm, "GGUF model", false)?;
+        check_readable(&paths.tts, "Piper voice", false)?;
+        check_readable(&crate::tts::config_path(&paths.tts), "Piper voice config", false)?;
+        Ok(paths)
+    }
+}
+
+fn check_readable(p: &Path, what: &str, dir: bool) -> Result<()> {
+    let meta = std::fs::metadata(p).map_err(|e| anyhow!("{what} {} is missing or unreadable ({e}): {FIX}", p.display()))?;
+    if dir != meta.is_dir() {
+        bail!("{what} {} should be a {}: {FIX}", p.display(), if dir { "folder" } else { "file" });
+    }
+    if !dir {
+        std::fs::File::open(p).map_err(|e| anyhow!("{what} {} is unreadable ({e})", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Finds the folder that contains `espeak-ng-data/`: the config, `PIPER_ESPEAKNG_DATA_DIRECTORY`,
+/// beside the binary, then Debian's `/usr/lib/x86_64-linux-gnu`.
+pub fn find_espeak_data(explicit: Option<&Path>) -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = explicit.map(Path::to_path_buf).into_iter().collect();
+    if explicit.is_none() {
+        candidates.extend(std::env::var_os("PIPER_ESPEAKNG_DATA_DIRECTORY").map(PathBuf::from));
+        candidates.extend(std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)));
+        candidates.push(PathBuf::from("/usr/lib/x86_64-linux-gnu"));
+        candidates.push(PathBuf::from("/usr/lib/aarch64-linux-gnu"));
+        candidates.push(PathBuf::from("/usr/share"));
+    }
+    candidates
+        .iter()
+        .find(|c| c.join("espeak-ng-data/phontab").is_file())
+        .cloned()
+        .ok_or_else(|| anyhow!("no espeak-ng-data found in {candidates:?}: install Debian's espeak-ng-data package or set [models] espeak_data"))
+}
+
+impl Engines {
+    /// Loads all three models in parallel. Takes about as long as the slowest one.
+    pub fn load(cfg: &Config) -> Result<Engines> {
+        let paths = ModelPaths::resolve(cfg)?;
+        let started = Instant::now();
+        let llm_settings = LlmSettings {
+            threads: cfg.llm.threads,
+            context: cfg.llm.context,
+            temperature: cfg.llm.temperature,
+            seed: cfg.llm.seed,
+        };
+        let tts_settings = TtsSettings { length_scale: cfg.tts.length_scale, gain: cfg.tts.gain, threads: 1 };
+        let (stt, llm, tts) = std::thread::scope(|s| {
+            let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
+            let llm = s.spawn(|| timed("llm", || LlmEngine::load(&paths.llm, llm_settings)));
+            let tts = s.spawn(|| timed("tts", || TtsEngine::load(&paths.tts, &paths.onnxruntime, &paths.espeak_data, tts_settings)));
+            (stt.join(), llm.join(), tts.join())
+        });
+        let stt = stt.map_err(|_| anyhow!("Vosk panicked while loading"))?.with_context(|| format!("loading Vosk model {}", paths.stt.display()))?;
+        let llm = llm.map_err(|_| anyhow!("llama.cpp panicked while loading"))?.with_context(|| format!("loading GGUF {}", paths.llm.display()))?;
+        let tts = tts.map_err(|_| anyhow!("Piper panicked while loading"))?.with_context(|| format!("loading Piper voice {}", paths.tts.display()))?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, stt_rate = stt.sample_rate, voice_rate = tts.voice_rate_hz, "models loaded");
+        Ok(Engines { stt: Arc::new(stt), llm: Arc::new(llm), tts: Arc::new(tts) })
+    }
+}
+
+fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t = Instant::now();
+    let r = f();
+    tracing::info!(model = what, ms = t.elapsed().as_millis() as u64, ok = r.is_ok(), "model load");
+    r
+}

@@ -1,2 +1,92 @@
-//! (in progress)
-pub async fn run(_cfg: crate::config::Config) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+//! The AudioSocket server: loads the engines once, listens, runs one task per connection and
+//! shuts down cleanly on SIGINT/SIGTERM (each live call gets a hangup frame and a FIN).
+
+use crate::audiosocket::connection;
+use crate::call::{self, Shared};
+use crate::config::Config;
+use crate::conversation::ConversationLog;
+use crate::engines::Engines;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+/// Loads everything, binds the listener and serves until a shutdown signal.
+///
+/// # Errors
+/// If a model cannot be loaded, the conversation log cannot be opened or the address cannot
+/// be bound; each message names the file or address.
+pub async fn run(cfg: Config) -> Result<()> {
+    let started = Instant::now();
+    let listener = TcpListener::bind(cfg.server.audiosocket_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.audiosocket_listen)", cfg.server.audiosocket_listen))?;
+    let log = ConversationLog::open(&cfg.log.conversation_log)?;
+    let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
+    // Synthesize the greeting now so calls start speaking at once.
+    engines.tts.cached(&cfg.agent.greeting, 8000).await.context("cannot synthesize the greeting")?;
+    let shared = Arc::new(Shared { engines, cfg, log });
+    info!(
+        addr = %listener.local_addr()?,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "AudioSocket server ready"
+    );
+    serve(listener, shared, shutdown_signal()).await
+}
+
+/// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and
+/// waits (at most 5 s) for them to close.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limit = Arc::new(Semaphore::new(shared.cfg.server.max_calls));
+    let mut calls = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    warn!(%peer, max_calls = shared.cfg.server.max_calls, "refusing a call: server.max_calls reached");
+                    continue; // dropping the stream closes it
+                };
+                let (reader, writer) = connection::split(stream);
+                let shared = shared.clone();
+                let stop = stop_rx.clone();
+                calls.spawn(async move {
+                    let end = call::run(reader, writer, shared, stop).await;
+                    drop(permit);
+                    end
+                });
+            }
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                if let Err(e) = done {
+                    error!("a call task panicked: {e}");
+                }
+            }
+        }
+    }
+    info!(calls = calls.len(), "shutting down: hanging up live calls");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async { while calls.join_next().await.is_some() {} }).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = term.recv() => info!("SIGTERM received"),
+    }
+}

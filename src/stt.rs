@@ -1,1 +1,133 @@
-//! (in progress)
+//! Speech-to-text with Vosk: one loaded model shared by all calls ([`SttEngine`]) and one
+//! recognizer per call on its own thread ([`SttStream`]), fed the caller's audio as it arrives
+//! and asked for the final text when the VAD declares the end of an utterance.
+
+use crate::audio::StreamResampler;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// A loaded Vosk model, shared by every call.
+pub struct SttEngine {
+    model: Arc<vosk::Model>,
+    /// The sample rate (Hz) the model's features expect (`--sample-frequency` in
+    /// `conf/mfcc.conf`; 16000 when absent).
+    pub sample_rate: u32,
+    /// The model folder.
+    pub path: PathBuf,
+}
+
+impl SttEngine {
+    /// Loads the Vosk model folder at `path`.
+    ///
+    /// # Errors
+    /// If the folder is missing or is not a Vosk model (libvosk's `Model::new` fails).
+    pub fn load(path: &Path) -> Result<SttEngine> {
+        if !path.join("am").is_dir() && !path.join("conf").is_dir() {
+            bail!("{} is not a Vosk model folder (no am/ or conf/ inside)", path.display());
+        }
+        vosk::set_log_level(vosk::LogLevel::Error);
+        let model = vosk::Model::new(path.to_string_lossy())
+            .with_context(|| format!("libvosk could not load the model in {}", path.display()))?;
+        let sample_rate = model_sample_rate(path).unwrap_or(16000);
+        Ok(SttEngine { model: Arc::new(model), sample_rate, path: path.to_path_buf() })
+    }
+
+    /// Starts a recognizer for one call whose audio arrives at `call_rate_hz`. Results come
+    /// back on the returned receiver.
+    pub fn start_stream(&self, call_id: &str, call_rate_hz: u32) -> Result<(SttStream, mpsc::UnboundedReceiver<SttResult>)> {
+        let mut rec = vosk::Recognizer::new(&self.model, self.sample_rate as f32)
+            .context("libvosk could not create a recognizer")?;
+        let mut resampler = StreamResampler::new(call_rate_hz, self.sample_rate, 20)?;
+        let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
+        let (res_tx, res_rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new().name(format!("stt-{}", &call_id[..8.min(call_id.len())])).spawn(move || {
+            let mut buf = Vec::with_capacity(640);
+            let mut text = String::new();
+            for cmd in cmd_rx {
+                match cmd {
+                    Command::Audio(samples) => {
+                        buf.clear();
+                        resampler.push(&samples, &mut buf);
+                        if let Ok(vosk::DecodingState::Finalized) = rec.accept_waveform(&buf) {
+                            // Vosk's own endpoint inside a long utterance: keep its text.
+                            push_words(&mut text, rec.result().single().map(|r| r.text).unwrap_or(""));
+                        }
+                    }
+                    Command::Finish(asked) => {
+                        buf.clear();
+                        resampler.flush(&mut buf);
+                        let _ = rec.accept_waveform(&buf);
+                        push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
+                        rec.reset();
+                        let result = SttResult { text: std::mem::take(&mut text), finish_ms: asked.elapsed().as_millis() as u64 };
+                        if res_tx.send(result).is_err() {
+                            break;
+                        }
+                    }
+                    Command::Discard => {
+                        rec.reset();
+                        text.clear();
+                    }
+                }
+            }
+        })?;
+        Ok((SttStream { tx: cmd_tx }, res_rx))
+    }
+}
+
+/// Reads `--sample-frequency=N` from the model's `conf/mfcc.conf`.
+fn model_sample_rate(path: &Path) -> Option<u32> {
+    let conf = std::fs::read_to_string(path.join("conf/mfcc.conf")).ok()?;
+    conf.lines().find_map(|l| l.trim().strip_prefix("--sample-frequency=")?.trim().parse().ok())
+}
+
+fn push_words(text: &mut String, words: &str) {
+    let words = words.trim();
+    if !words.is_empty() {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(words);
+    }
+}
+
+enum Command {
+    Audio(Vec<i16>),
+    Finish(Instant),
+    Discard,
+}
+
+/// The final text of one utterance.
+#[derive(Debug, Clone)]
+pub struct SttResult {
+    /// What Vosk heard; empty when it recognized nothing.
+    pub text: String,
+    /// Milliseconds from the endpoint ([`SttStream::finish`]) to this result: Vosk's own share
+    /// of the latency (finishing the queued audio and the final decode).
+    pub finish_ms: u64,
+}
+
+/// One call's recognizer. Dropping it stops its thread.
+pub struct SttStream {
+    tx: std_mpsc::Sender<Command>,
+}
+
+impl SttStream {
+    /// Feeds caller audio (samples at the call's rate). Non-blocking.
+    pub fn audio(&self, samples: Vec<i16>) {
+        let _ = self.tx.send(Command::Audio(samples));
+    }
+
+    /// Ends the current utterance; its [`SttResult`] arrives on the result channel.
+    pub fn finish(&self) {
+        let _ = self.tx.send(Command::Finish(Instant::now()));
+    }
+
+    /// Drops the current utterance's audio without a result.
+    pub fn discard(&self) {
+        let _ = self.tx.send(Command::Discard);
+    }
+}

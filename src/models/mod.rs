@@ -1,7 +1,22 @@
 //! The model registry (`registry.json`), hardware tiers, `model-setup` and `doctor`.
-//! (Being built for issue 3; `serve` reads explicit paths from the config until then.)
+//! (Being built for issue 3 on its own branch; this is the interface the call path uses.)
 
 use std::process::ExitCode;
+
+pub mod manifest;
+pub mod native;
+
+/// The kind of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Speech-to-text (Vosk).
+    Stt,
+    /// Language model (GGUF).
+    Llm,
+    /// Text-to-speech (Piper).
+    Tts,
+}
 
 /// Arguments of `model-setup`.
 #[derive(Debug, clap::Args)]

