@@ -262,12 +262,8 @@ impl Fetcher {
         let req = hf
             .download_file_stream()
             .filename(path)
-            .revision(revision.to_string());
-        let req = if start > 0 {
-            req.range(start..total)
-        } else {
-            req
-        };
+            .revision(revision.to_string())
+            .maybe_range((start > 0).then_some(start..total));
         let result: Result<()> = self.rt.block_on(async {
             let (len, mut stream) = req
                 .send()
