@@ -4,6 +4,8 @@ export AVA_HOME="${AVA_HOME:-$HOME/.cache/asterisk-voice-agent}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$AVA_HOME/target}"
 export AVA_LIB_DIR="${AVA_LIB_DIR:-$AVA_HOME/lib}"
 export AVA_MIRROR="${AVA_MIRROR:-$AVA_HOME/mirror}"
+# The test tier, installed by `model-setup` (scripts/install-models.sh).
+export AVA_MODELS="${AVA_MODELS:-$AVA_HOME/models}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export REPO
 export AVA_BIN="$CARGO_TARGET_DIR/release/asterisk-voice-agent"

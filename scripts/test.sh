@@ -6,4 +6,5 @@ source "$(dirname "$0")/env.sh"
 "$REPO/scripts/install-deps.sh"
 cd "$REPO"
 cargo build --release --locked
+AVA_BIN="$AVA_BIN" "$REPO/scripts/install-models.sh" "$AVA_MODELS"
 cargo test --release --locked -- --test-threads=1 "$@"

@@ -26,7 +26,10 @@ pub fn rms_dbfs(samples: &[i16]) -> f32 {
 
 /// Converts f32 samples in [-1, 1] to i16 with `gain`, clamping.
 pub fn f32_to_i16(samples: &[f32], gain: f32) -> Vec<i16> {
-    samples.iter().map(|&s| (s * gain * 32767.0).clamp(-32768.0, 32767.0) as i16).collect()
+    samples
+        .iter()
+        .map(|&s| (s * gain * 32767.0).clamp(-32768.0, 32767.0) as i16)
+        .collect()
 }
 
 /// Decodes one G.711 mu-law byte to a linear 16-bit sample (ITU-T G.711).
@@ -94,13 +97,23 @@ impl StreamResampler {
     /// A resampler from `from_hz` to `to_hz`, working in chunks of about `chunk_ms` of input.
     pub fn new(from_hz: u32, to_hz: u32, chunk_ms: u32) -> Result<Self> {
         if from_hz == to_hz {
-            return Ok(StreamResampler { inner: None, pending: Vec::new(), out_buf: Vec::new(), skip: 0 });
+            return Ok(StreamResampler {
+                inner: None,
+                pending: Vec::new(),
+                out_buf: Vec::new(),
+                skip: 0,
+            });
         }
         let chunk = (from_hz * chunk_ms / 1000).max(1) as usize;
         let inner = FftFixedInOut::<f32>::new(from_hz as usize, to_hz as usize, chunk, 1)?;
         let out_buf = inner.output_buffer_allocate(true);
         let skip = inner.output_delay();
-        Ok(StreamResampler { inner: Some(inner), pending: Vec::new(), out_buf, skip })
+        Ok(StreamResampler {
+            inner: Some(inner),
+            pending: Vec::new(),
+            out_buf,
+            skip,
+        })
     }
 
     /// Pushes samples and appends every ready output sample to `out`.
@@ -117,7 +130,9 @@ impl StreamResampler {
                 break;
             }
             let chunk = [&self.pending[used..used + need]];
-            let (_, produced) = inner.process_into_buffer(&chunk, &mut self.out_buf, None).expect("buffer sizes are rubato's own");
+            let (_, produced) = inner
+                .process_into_buffer(&chunk, &mut self.out_buf, None)
+                .expect("buffer sizes are rubato's own");
             used += need;
             let mut o = &self.out_buf[0][..produced];
             let drop = self.skip.min(o.len());
@@ -158,7 +173,9 @@ mod tests {
     use super::*;
 
     fn sine(hz: f32, rate: u32, n: usize) -> Vec<i16> {
-        (0..n).map(|i| ((i as f32 * hz * std::f32::consts::TAU / rate as f32).sin() * 16000.0) as i16).collect()
+        (0..n)
+            .map(|i| ((i as f32 * hz * std::f32::consts::TAU / rate as f32).sin() * 16000.0) as i16)
+            .collect()
     }
 
     #[test]

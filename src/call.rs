@@ -48,7 +48,12 @@ pub const FRAME_MS: u64 = 20;
 
 /// Runs one call on an accepted connection until it ends. Never panics on bad input: a
 /// malformed frame ends this call only. Returns how it ended (already logged).
-pub async fn run<R, W>(mut reader: FrameReader<R>, mut writer: FrameWriter<W>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) -> CallEnd
+pub async fn run<R, W>(
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) -> CallEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -56,10 +61,27 @@ where
     let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
     let call_id = match tokio::time::timeout(id_timeout, reader.read_frame()).await {
         Ok(Ok(Some(Frame::Id(uuid)))) => uuid.to_string(),
-        Ok(Ok(Some(other))) => return fail(&mut writer, format!("first frame was {other}, not an id frame: ending the connection"), "-").await,
+        Ok(Ok(Some(other))) => {
+            return fail(
+                &mut writer,
+                format!("first frame was {other}, not an id frame: ending the connection"),
+                "-",
+            )
+            .await
+        }
         Ok(Ok(None)) => return fail(&mut writer, "connection closed before an id frame".into(), "-").await,
         Ok(Err(e)) => return fail(&mut writer, format!("bad first frame: {e}"), "-").await,
-        Err(_) => return fail(&mut writer, format!("no id frame within {} ms: ending the connection", id_timeout.as_millis()), "-").await,
+        Err(_) => {
+            return fail(
+                &mut writer,
+                format!(
+                    "no id frame within {} ms: ending the connection",
+                    id_timeout.as_millis()
+                ),
+                "-",
+            )
+            .await
+        }
     };
     let span = tracing::info_span!("call", call_id = %call_id);
     async move {
@@ -123,10 +145,24 @@ struct Turn {
 }
 
 enum ReplyEvent {
-    FirstToken { turn: u64, ms: u64 },
-    Audio { turn: u64, text: String, samples: Vec<i16>, rate: AudioRate },
-    Done { turn: u64, text: String },
-    Failed { turn: u64, error: String },
+    FirstToken {
+        turn: u64,
+        ms: u64,
+    },
+    Audio {
+        turn: u64,
+        text: String,
+        samples: Vec<i16>,
+        rate: AudioRate,
+    },
+    Done {
+        turn: u64,
+        text: String,
+    },
+    Failed {
+        turn: u64,
+        error: String,
+    },
 }
 
 struct Call {
@@ -159,8 +195,14 @@ impl Call {
         let (stt, stt_rx) = shared.engines.stt.start_stream(&id, 8000)?;
         let llm = LlmSession::start(shared.engines.llm.clone(), &id)?;
         let history = vec![
-            Message { role: Role::System, text: cfg.agent.system_prompt.clone() },
-            Message { role: Role::Assistant, text: cfg.agent.greeting.clone() },
+            Message {
+                role: Role::System,
+                text: cfg.agent.system_prompt.clone(),
+            },
+            Message {
+                role: Role::Assistant,
+                text: cfg.agent.greeting.clone(),
+            },
         ];
         // Evaluate the system prompt and greeting while the greeting plays.
         llm.warm(history.clone());
@@ -187,16 +229,31 @@ impl Call {
         })
     }
 
-    async fn run<R, W>(&mut self, reader: &mut FrameReader<R>, writer: &mut FrameWriter<W>, shutdown: &mut watch::Receiver<bool>) -> CallEnd
+    async fn run<R, W>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+        writer: &mut FrameWriter<W>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> CallEnd
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         // The greeting was synthesized at start-up: queue it before the first tick.
-        match self.shared.engines.tts.cached(&self.shared.cfg.agent.greeting, self.out_rate.hz()).await {
-            Ok(samples) => {
-                self.queue.push_back(Segment { turn: 0, rate: self.out_rate, samples, pos: 0, text: self.shared.cfg.agent.greeting.clone() })
-            }
+        match self
+            .shared
+            .engines
+            .tts
+            .cached(&self.shared.cfg.agent.greeting, self.out_rate.hz())
+            .await
+        {
+            Ok(samples) => self.queue.push_back(Segment {
+                turn: 0,
+                rate: self.out_rate,
+                samples,
+                pos: 0,
+                text: self.shared.cfg.agent.greeting.clone(),
+            }),
             Err(e) => error!("greeting unavailable: {e:#}"),
         }
         let mut tick = tokio::time::interval(Duration::from_millis(FRAME_MS));
@@ -256,8 +313,10 @@ impl Call {
                 if rate == AudioRate::Slin8 && self.encoding == Encoding::Unknown {
                     self.encoding = self.ulaw.push(payload.len());
                     if self.encoding == Encoding::Ulaw {
-                        warn!("caller audio under kind 0x10 is G.711 mu-law (160-byte frames), not slin: decoding it. \
-                               Use Dial(AudioSocket/host:port/uuid/c(slin)) or c(slin16) in the dialplan");
+                        warn!(
+                            "caller audio under kind 0x10 is G.711 mu-law (160-byte frames), not slin: decoding it. \
+                               Use Dial(AudioSocket/host:port/uuid/c(slin)) or c(slin16) in the dialplan"
+                        );
                     }
                 }
                 if self.encoding == Encoding::Ulaw && rate == AudioRate::Slin8 {
@@ -338,7 +397,11 @@ impl Call {
         if self.turn.is_none() && !greeting_playing {
             return;
         }
-        let dropped_ms: usize = self.queue.iter().map(|s| (s.samples.len() - s.pos) * 1000 / s.rate.hz() as usize).sum();
+        let dropped_ms: usize = self
+            .queue
+            .iter()
+            .map(|s| (s.samples.len() - s.pos) * 1000 / s.rate.hz() as usize)
+            .sum();
         self.queue.clear();
         if let Some(turn) = self.turn.take() {
             turn.cancel.store(true, Ordering::Relaxed);
@@ -355,7 +418,9 @@ impl Call {
         if text.is_empty() {
             return;
         }
-        self.shared.log.write(Entry::now(&self.id, Speaker::Caller, text.clone()));
+        self.shared
+            .log
+            .write(Entry::now(&self.id, Speaker::Caller, text.clone()));
         // A reply still being generated for an earlier utterance is superseded.
         if let Some(turn) = self.turn.take() {
             turn.cancel.store(true, Ordering::Relaxed);
@@ -370,14 +435,29 @@ impl Call {
         if self.history.len() > keep {
             self.history.drain(1..self.history.len() - keep + 1);
         }
-        let llm_rx = self.llm.generate(self.history.clone(), self.shared.cfg.agent.max_reply_tokens, cancel.clone());
+        let llm_rx = self.llm.generate(
+            self.history.clone(),
+            self.shared.cfg.agent.max_reply_tokens,
+            cancel.clone(),
+        );
         let t_final = Instant::now();
-        tokio::spawn(reply(self.shared.engines.tts.clone(), llm_rx, self.out_rate, turn_id, t_final, self.reply_tx.clone(), cancel.clone()));
+        tokio::spawn(reply(
+            self.shared.engines.tts.clone(),
+            llm_rx,
+            self.out_rate,
+            turn_id,
+            t_final,
+            self.reply_tx.clone(),
+            cancel.clone(),
+        ));
         self.turn = Some(Turn {
             id: turn_id,
             cancel,
             t_final,
-            timings: TurnTimings { stt_final_ms: result.finish_ms, ..Default::default() },
+            timings: TurnTimings {
+                stt_final_ms: result.finish_ms,
+                ..Default::default()
+            },
             played: Vec::new(),
             full_text: None,
         });
@@ -389,12 +469,23 @@ impl Call {
             ReplyEvent::FirstToken { turn, ms } if Some(turn) == current => {
                 self.turn.as_mut().unwrap().timings.llm_first_token_ms = Some(ms);
             }
-            ReplyEvent::Audio { turn, text, samples, rate } if Some(turn) == current => {
+            ReplyEvent::Audio {
+                turn,
+                text,
+                samples,
+                rate,
+            } if Some(turn) == current => {
                 let t = self.turn.as_mut().unwrap();
                 if t.timings.tts_first_audio_ms.is_none() {
                     t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
                 }
-                self.queue.push_back(Segment { turn, rate, samples: Arc::new(samples), pos: 0, text });
+                self.queue.push_back(Segment {
+                    turn,
+                    rate,
+                    samples: Arc::new(samples),
+                    pos: 0,
+                    text,
+                });
             }
             ReplyEvent::Done { turn, text } if Some(turn) == current => {
                 self.turn.as_mut().unwrap().full_text = Some(text);
@@ -421,7 +512,11 @@ impl Call {
     /// Logs an agent turn and adds it to the history: the whole reply, or when `interrupted`,
     /// the sentences the caller heard.
     fn finish_turn(&mut self, turn: Turn, interrupted: bool) {
-        let text = if interrupted { turn.played.join(" ") } else { turn.full_text.clone().unwrap_or_default() };
+        let text = if interrupted {
+            turn.played.join(" ")
+        } else {
+            turn.full_text.clone().unwrap_or_default()
+        };
         let t = &turn.timings;
         info!(
             stt_final_ms = t.stt_final_ms,
@@ -432,7 +527,10 @@ impl Call {
             "agent turn"
         );
         if !text.is_empty() {
-            self.history.push(Message { role: Role::Assistant, text: text.clone() });
+            self.history.push(Message {
+                role: Role::Assistant,
+                text: text.clone(),
+            });
         }
         let mut entry = Entry::now(&self.id, Speaker::Agent, text);
         entry.timings = Some(turn.timings);
@@ -465,7 +563,12 @@ async fn reply(
             }
             match tts.synthesize(&sentence, rate.hz()).await {
                 Ok(speech) => {
-                    let _ = tx.send(ReplyEvent::Audio { turn, text: sentence, samples: speech.samples, rate });
+                    let _ = tx.send(ReplyEvent::Audio {
+                        turn,
+                        text: sentence,
+                        samples: speech.samples,
+                        rate,
+                    });
                 }
                 Err(e) => error!("TTS failed for {sentence:?}: {e:#}"),
             }
@@ -476,7 +579,10 @@ async fn reply(
             LlmEvent::Token(t) => {
                 if first {
                     first = false;
-                    let _ = tx.send(ReplyEvent::FirstToken { turn, ms: t_final.elapsed().as_millis() as u64 });
+                    let _ = tx.send(ReplyEvent::FirstToken {
+                        turn,
+                        ms: t_final.elapsed().as_millis() as u64,
+                    });
                 }
                 full.push_str(&t);
                 for sentence in splitter.push(&t) {
@@ -488,7 +594,10 @@ async fn reply(
                     speak(rest).await;
                 }
                 debug!(?stats, "LLM turn done");
-                let _ = tx.send(ReplyEvent::Done { turn, text: full.trim().to_string() });
+                let _ = tx.send(ReplyEvent::Done {
+                    turn,
+                    text: full.trim().to_string(),
+                });
                 return;
             }
             LlmEvent::Error(e) => {
@@ -497,5 +606,8 @@ async fn reply(
             }
         }
     }
-    let _ = tx.send(ReplyEvent::Failed { turn, error: "LLM stream ended without a result".into() });
+    let _ = tx.send(ReplyEvent::Failed {
+        turn,
+        error: "LLM stream ended without a result".into(),
+    });
 }

@@ -61,8 +61,8 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
     use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
     // ONNX Runtime logs every graph transform at INFO: keep it to warnings unless asked.
     let filter = EnvFilter::try_from_env("AVA_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     let _ = tracing_subscriber::fmt()

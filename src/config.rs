@@ -117,10 +117,10 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
-    /// llama.cpp threads per call. Default 2.
-    pub threads: i32,
-    /// Context size in tokens per call. Default 2048.
-    pub context: u32,
+    /// llama.cpp threads per call. Default: the installed tier's value (manifest), else 2.
+    pub threads: Option<i32>,
+    /// Context size in tokens per call. Default: the installed tier's value, else 2048.
+    pub context: Option<u32>,
     /// Sampling temperature; 0 = greedy. Default 0.6.
     pub temperature: f32,
     /// Sampler seed. Default 42.
@@ -129,7 +129,12 @@ pub struct LlmConfig {
 
 impl Default for LlmConfig {
     fn default() -> Self {
-        LlmConfig { threads: 2, context: 2048, temperature: 0.6, seed: 42 }
+        LlmConfig {
+            threads: None,
+            context: None,
+            temperature: 0.6,
+            seed: 42,
+        }
     }
 }
 
@@ -146,7 +151,10 @@ pub struct TtsConfig {
 
 impl Default for TtsConfig {
     fn default() -> Self {
-        TtsConfig { length_scale: None, gain: 1.0 }
+        TtsConfig {
+            length_scale: None,
+            gain: 1.0,
+        }
     }
 }
 
@@ -193,14 +201,17 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { conversation_log: PathBuf::from("/var/log/asterisk-voice-agent/conversations.jsonl") }
+        LogConfig {
+            conversation_log: PathBuf::from("/var/log/asterisk-voice-agent/conversations.jsonl"),
+        }
     }
 }
 
 impl Config {
     /// Reads and validates a TOML file. Errors name the file and, for an unknown key, the key.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         Config::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
@@ -212,11 +223,23 @@ impl Config {
     }
 
     fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.llm.threads >= 1, "llm.threads must be at least 1");
-        anyhow::ensure!(self.llm.context >= 256, "llm.context must be at least 256 tokens");
-        anyhow::ensure!(self.vad.end_silence_ms >= 100, "vad.end_silence_ms must be at least 100");
+        anyhow::ensure!(
+            self.llm.threads.is_none_or(|t| t >= 1),
+            "llm.threads must be at least 1"
+        );
+        anyhow::ensure!(
+            self.llm.context.is_none_or(|c| c >= 256),
+            "llm.context must be at least 256 tokens"
+        );
+        anyhow::ensure!(
+            self.vad.end_silence_ms >= 100,
+            "vad.end_silence_ms must be at least 100"
+        );
         anyhow::ensure!(self.server.max_calls >= 1, "server.max_calls must be at least 1");
-        anyhow::ensure!(!self.agent.greeting.trim().is_empty(), "agent.greeting must not be empty");
+        anyhow::ensure!(
+            !self.agent.greeting.trim().is_empty(),
+            "agent.greeting must not be empty"
+        );
         Ok(())
     }
 }

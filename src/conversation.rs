@@ -79,15 +79,17 @@ impl ConversationLog {
             .open(path)
             .with_context(|| format!("cannot open conversation log {}", path.display()))?;
         let (tx, rx) = mpsc::channel::<Entry>();
-        std::thread::Builder::new().name("conversation-log".into()).spawn(move || {
-            for entry in rx {
-                let mut line = serde_json::to_string(&entry).expect("entries serialize");
-                line.push('\n');
-                if let Err(e) = file.write_all(line.as_bytes()).and_then(|_| file.flush()) {
-                    tracing::error!("conversation log write failed: {e}; entry was {line}");
+        std::thread::Builder::new()
+            .name("conversation-log".into())
+            .spawn(move || {
+                for entry in rx {
+                    let mut line = serde_json::to_string(&entry).expect("entries serialize");
+                    line.push('\n');
+                    if let Err(e) = file.write_all(line.as_bytes()).and_then(|_| file.flush()) {
+                        tracing::error!("conversation log write failed: {e}; entry was {line}");
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(ConversationLog { tx })
     }
 

@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::llm::{LlmEngine, LlmSettings};
+use crate::models::manifest::{self, Manifest};
 use crate::stt::SttEngine;
 use crate::tts::{TtsEngine, TtsSettings};
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,16 +40,15 @@ pub struct ModelPaths {
 const FIX: &str = "run `asterisk-voice-agent model-setup` (or set the path under [models] in the config)";
 
 impl ModelPaths {
-    /// Resolves every path from the config (explicit paths win over the manifest) and checks
-    /// that each exists and is readable.
-    pub fn resolve(cfg: &Config) -> Result<ModelPaths> {
+    /// Resolves every path from the config (explicit paths win over the manifest written by
+    /// `model-setup`, `manifest`) and checks that each exists and is readable.
+    pub fn resolve(cfg: &Config, manifest: &Result<Manifest>) -> Result<ModelPaths> {
         let m = &cfg.models;
-        let manifest = crate::models::manifest::load(&m.dir);
         let pick = |explicit: &Option<PathBuf>, kind: crate::models::ModelKind, key: &str| -> Result<PathBuf> {
             if let Some(p) = explicit {
                 return Ok(p.clone());
             }
-            match &manifest {
+            match manifest {
                 Ok(man) => man
                     .path_for(kind)
                     .ok_or_else(|| anyhow!("the manifest in {} names no {key} model: {FIX}", m.dir.display())),
@@ -71,9 +71,14 @@ impl ModelPaths {
 }
 
 fn check_readable(p: &Path, what: &str, dir: bool) -> Result<()> {
-    let meta = std::fs::metadata(p).map_err(|e| anyhow!("{what} {} is missing or unreadable ({e}): {FIX}", p.display()))?;
+    let meta =
+        std::fs::metadata(p).map_err(|e| anyhow!("{what} {} is missing or unreadable ({e}): {FIX}", p.display()))?;
     if dir != meta.is_dir() {
-        bail!("{what} {} should be a {}: {FIX}", p.display(), if dir { "folder" } else { "file" });
+        bail!(
+            "{what} {} should be a {}: {FIX}",
+            p.display(),
+            if dir { "folder" } else { "file" }
+        );
     }
     if !dir {
         std::fs::File::open(p).map_err(|e| anyhow!("{what} {} is unreadable ({e})", p.display()))?;
@@ -87,7 +92,11 @@ pub fn find_espeak_data(explicit: Option<&Path>) -> Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = explicit.map(Path::to_path_buf).into_iter().collect();
     if explicit.is_none() {
         candidates.extend(std::env::var_os("PIPER_ESPEAKNG_DATA_DIRECTORY").map(PathBuf::from));
-        candidates.extend(std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)));
+        candidates.extend(
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf)),
+        );
         candidates.push(PathBuf::from("/usr/lib/x86_64-linux-gnu"));
         candidates.push(PathBuf::from("/usr/lib/aarch64-linux-gnu"));
         candidates.push(PathBuf::from("/usr/share"));
@@ -102,32 +111,73 @@ pub fn find_espeak_data(explicit: Option<&Path>) -> Result<PathBuf> {
 impl Engines {
     /// Loads all three models in parallel. Takes about as long as the slowest one.
     pub fn load(cfg: &Config) -> Result<Engines> {
-        let paths = ModelPaths::resolve(cfg)?;
+        let manifest = manifest::load(&cfg.models.dir);
+        let paths = ModelPaths::resolve(cfg, &manifest)?;
+        let tier = manifest.as_ref().ok();
+        if let Some(m) = tier {
+            tracing::info!(tier = m.tier(), dir = %cfg.models.dir.display(), "model manifest");
+        }
         let started = Instant::now();
         let llm_settings = LlmSettings {
-            threads: cfg.llm.threads,
-            context: cfg.llm.context,
+            threads: cfg
+                .llm
+                .threads
+                .or_else(|| tier.and_then(Manifest::llm_threads))
+                .unwrap_or(2),
+            context: cfg
+                .llm
+                .context
+                .or_else(|| tier.and_then(Manifest::llm_context))
+                .unwrap_or(2048),
             temperature: cfg.llm.temperature,
             seed: cfg.llm.seed,
         };
-        let tts_settings = TtsSettings { length_scale: cfg.tts.length_scale, gain: cfg.tts.gain, threads: 1 };
+        let tts_settings = TtsSettings {
+            length_scale: cfg.tts.length_scale,
+            gain: cfg.tts.gain,
+            threads: 1,
+        };
         let (stt, llm, tts) = std::thread::scope(|s| {
             let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
             let llm = s.spawn(|| timed("llm", || LlmEngine::load(&paths.llm, llm_settings)));
-            let tts = s.spawn(|| timed("tts", || TtsEngine::load(&paths.tts, &paths.onnxruntime, &paths.espeak_data, tts_settings)));
+            let tts = s.spawn(|| {
+                timed("tts", || {
+                    TtsEngine::load(&paths.tts, &paths.onnxruntime, &paths.espeak_data, tts_settings)
+                })
+            });
             (stt.join(), llm.join(), tts.join())
         });
-        let stt = stt.map_err(|_| anyhow!("Vosk panicked while loading"))?.with_context(|| format!("loading Vosk model {}", paths.stt.display()))?;
-        let llm = llm.map_err(|_| anyhow!("llama.cpp panicked while loading"))?.with_context(|| format!("loading GGUF {}", paths.llm.display()))?;
-        let tts = tts.map_err(|_| anyhow!("Piper panicked while loading"))?.with_context(|| format!("loading Piper voice {}", paths.tts.display()))?;
-        tracing::info!(ms = started.elapsed().as_millis() as u64, stt_rate = stt.sample_rate, voice_rate = tts.voice_rate_hz, "models loaded");
-        Ok(Engines { stt: Arc::new(stt), llm: Arc::new(llm), tts: Arc::new(tts) })
+        let stt = stt
+            .map_err(|_| anyhow!("Vosk panicked while loading"))?
+            .with_context(|| format!("loading Vosk model {}", paths.stt.display()))?;
+        let llm = llm
+            .map_err(|_| anyhow!("llama.cpp panicked while loading"))?
+            .with_context(|| format!("loading GGUF {}", paths.llm.display()))?;
+        let tts = tts
+            .map_err(|_| anyhow!("Piper panicked while loading"))?
+            .with_context(|| format!("loading Piper voice {}", paths.tts.display()))?;
+        tracing::info!(
+            ms = started.elapsed().as_millis() as u64,
+            stt_rate = stt.sample_rate,
+            voice_rate = tts.voice_rate_hz,
+            "models loaded"
+        );
+        Ok(Engines {
+            stt: Arc::new(stt),
+            llm: Arc::new(llm),
+            tts: Arc::new(tts),
+        })
     }
 }
 
 fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let t = Instant::now();
     let r = f();
-    tracing::info!(model = what, ms = t.elapsed().as_millis() as u64, ok = r.is_ok(), "model load");
+    tracing::info!(
+        model = what,
+        ms = t.elapsed().as_millis() as u64,
+        ok = r.is_ok(),
+        "model load"
+    );
     r
 }

@@ -91,7 +91,12 @@ impl LlmEngine {
         let template = model
             .chat_template(None)
             .map_err(|e| anyhow!("{} has no chat template ({e})", path.display()))?;
-        Ok(LlmEngine { model, template, settings, path: path.to_path_buf() })
+        Ok(LlmEngine {
+            model,
+            template,
+            settings,
+            path: path.to_path_buf(),
+        })
     }
 
     fn render(&self, messages: &[Message], add_assistant: bool) -> Result<String> {
@@ -130,7 +135,12 @@ pub struct TurnStats {
 enum Request {
     /// Evaluate these messages into the KV cache without generating.
     Warm(Vec<Message>),
-    Generate { messages: Vec<Message>, max_tokens: u32, cancel: Arc<AtomicBool>, out: mpsc::UnboundedSender<LlmEvent> },
+    Generate {
+        messages: Vec<Message>,
+        max_tokens: u32,
+        cancel: Arc<AtomicBool>,
+        out: mpsc::UnboundedSender<LlmEvent>,
+    },
 }
 
 /// One call's llama.cpp context on its own thread. Dropping it ends the thread.
@@ -159,11 +169,19 @@ impl LlmSession {
 
     /// Generates the assistant's reply to `messages`; events arrive on the returned channel.
     /// Setting `cancel` stops generation at the next token.
-    pub fn generate(&self, messages: Vec<Message>, max_tokens: u32, cancel: Arc<AtomicBool>) -> mpsc::UnboundedReceiver<LlmEvent> {
+    pub fn generate(
+        &self,
+        messages: Vec<Message>,
+        max_tokens: u32,
+        cancel: Arc<AtomicBool>,
+    ) -> mpsc::UnboundedReceiver<LlmEvent> {
         let (out, rx) = mpsc::unbounded_channel();
-        if let Err(std_mpsc::SendError(Request::Generate { out, .. })) =
-            self.tx.send(Request::Generate { messages, max_tokens, cancel, out })
-        {
+        if let Err(std_mpsc::SendError(Request::Generate { out, .. })) = self.tx.send(Request::Generate {
+            messages,
+            max_tokens,
+            cancel,
+            out,
+        }) {
             let _ = out.send(LlmEvent::Error("LLM context thread has stopped".into()));
         }
         rx
@@ -178,7 +196,10 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
         .with_n_threads(s.threads)
         .with_n_threads_batch(s.threads);
     let backend = BACKEND.get().expect("backend initialized by LlmEngine::load");
-    let mut ctx = engine.model.new_context(backend, params).context("llama.cpp could not create a context")?;
+    let mut ctx = engine
+        .model
+        .new_context(backend, params)
+        .context("llama.cpp could not create a context")?;
     let mut batch = LlamaBatch::new(512, 1);
     // Tokens whose keys and values are in the KV cache, in order.
     let mut cached: Vec<LlamaToken> = Vec::new();
@@ -193,7 +214,12 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
                     eval_prompt(&mut ctx, &mut batch, &mut cached, &tokens)?;
                 }
             }
-            Request::Generate { mut messages, max_tokens, cancel, out } => {
+            Request::Generate {
+                mut messages,
+                max_tokens,
+                cancel,
+                out,
+            } => {
                 let started = Instant::now();
                 // Drop the oldest exchanges until the prompt and the reply fit the context.
                 let tokens = loop {
@@ -205,11 +231,24 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
                     messages.remove(1);
                 };
                 if tokens.len() + 8 > n_ctx {
-                    let _ = out.send(LlmEvent::Error(format!("prompt of {} tokens does not fit the context of {n_ctx}", tokens.len())));
+                    let _ = out.send(LlmEvent::Error(format!(
+                        "prompt of {} tokens does not fit the context of {n_ctx}",
+                        tokens.len()
+                    )));
                     continue;
                 }
                 let max_tokens = max_tokens.min((n_ctx - tokens.len() - 1) as u32);
-                match generate(engine, &mut ctx, &mut batch, &mut cached, &tokens, max_tokens, &cancel, &out, started) {
+                match generate(
+                    engine,
+                    &mut ctx,
+                    &mut batch,
+                    &mut cached,
+                    &tokens,
+                    max_tokens,
+                    &cancel,
+                    &out,
+                    started,
+                ) {
                     Ok(stats) => {
                         let _ = out.send(LlmEvent::Done(stats));
                     }
@@ -228,7 +267,12 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
 
 /// Makes the KV cache hold exactly `tokens`, evaluating only what differs from `cached`.
 /// Returns the number of tokens evaluated. The logits of the last token are computed.
-fn eval_prompt(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, batch: &mut LlamaBatch, cached: &mut Vec<LlamaToken>, tokens: &[LlamaToken]) -> Result<usize> {
+fn eval_prompt(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    batch: &mut LlamaBatch,
+    cached: &mut Vec<LlamaToken>,
+    tokens: &[LlamaToken],
+) -> Result<usize> {
     let mut common = cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
     // The last prompt token is always evaluated again so its logits are fresh.
     common = common.min(tokens.len().saturating_sub(1));
@@ -266,7 +310,10 @@ fn generate(
     out: &mpsc::UnboundedSender<LlmEvent>,
     started: Instant,
 ) -> Result<TurnStats> {
-    let mut stats = TurnStats { prompt_tokens: tokens.len(), ..Default::default() };
+    let mut stats = TurnStats {
+        prompt_tokens: tokens.len(),
+        ..Default::default()
+    };
     stats.evaluated_tokens = eval_prompt(ctx, batch, cached, tokens)?;
     let s = &engine.settings;
     let mut sampler = if s.temperature <= 0.0 {

@@ -23,11 +23,20 @@ pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
     let listener = TcpListener::bind(cfg.server.audiosocket_listen)
         .await
-        .with_context(|| format!("cannot listen on {} (server.audiosocket_listen)", cfg.server.audiosocket_listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.audiosocket_listen)",
+                cfg.server.audiosocket_listen
+            )
+        })?;
     let log = ConversationLog::open(&cfg.log.conversation_log)?;
     let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
     // Synthesize the greeting now so calls start speaking at once.
-    engines.tts.cached(&cfg.agent.greeting, 8000).await.context("cannot synthesize the greeting")?;
+    engines
+        .tts
+        .cached(&cfg.agent.greeting, 8000)
+        .await
+        .context("cannot synthesize the greeting")?;
     let shared = Arc::new(Shared { engines, cfg, log });
     info!(
         addr = %listener.local_addr()?,
@@ -39,7 +48,11 @@ pub async fn run(cfg: Config) -> Result<()> {
 
 /// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and
 /// waits (at most 5 s) for them to close.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(shared.cfg.server.max_calls));
     let mut calls = JoinSet::new();
@@ -78,7 +91,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl st
     }
     info!(calls = calls.len(), "shutting down: hanging up live calls");
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async { while calls.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while calls.join_next().await.is_some() {}
+    })
+    .await;
     Ok(())
 }
 

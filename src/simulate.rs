@@ -96,7 +96,10 @@ pub struct Pacing {
 
 /// Runs the subcommand: prints the report, exit status 0 unless the call could not be made.
 pub fn run(args: SimulateArgs) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let report = rt.block_on(simulate(&args))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -104,10 +107,18 @@ pub fn run(args: SimulateArgs) -> Result<ExitCode> {
         println!("call {} ended by {}", report.call_id, report.ended_by);
         println!("greeting: {}", fmt_ms(report.greeting_ms));
         for t in &report.turns {
-            println!("{}: voice-to-voice {}, reply {}", t.wav, fmt_ms(t.voice_to_voice_ms), fmt_ms(t.reply_audio_ms));
+            println!(
+                "{}: voice-to-voice {}, reply {}",
+                t.wav,
+                fmt_ms(t.voice_to_voice_ms),
+                fmt_ms(t.reply_audio_ms)
+            );
         }
         let p = &report.pacing;
-        println!("{} agent frames, gap mean {:.2} ms, p99 {:.2} ms, max {:.2} ms", report.agent_frames, p.mean_gap_ms, p.p99_gap_ms, p.max_gap_ms);
+        println!(
+            "{} agent frames, gap mean {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            report.agent_frames, p.mean_gap_ms, p.p99_gap_ms, p.max_gap_ms
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -142,8 +153,12 @@ impl Inbox {
 
 /// Makes one simulated call and returns its report.
 pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
-    let Some(rate) = AudioRate::from_hz(args.rate) else { bail!("--rate {} is not an AudioSocket rate", args.rate) };
-    let stream = TcpStream::connect(&args.server).await.with_context(|| format!("cannot connect to {}", args.server))?;
+    let Some(rate) = AudioRate::from_hz(args.rate) else {
+        bail!("--rate {} is not an AudioSocket rate", args.rate)
+    };
+    let stream = TcpStream::connect(&args.server)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.server))?;
     let (mut reader, mut writer) = connection::split(stream);
     let mut call_id = Uuid::new_v4();
     let inbox = Arc::new(Mutex::new(Inbox::default()));
@@ -160,7 +175,12 @@ pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
                         let mut samples = Vec::with_capacity(payload.len() / 2);
                         bytes_to_samples(&payload, &mut samples);
                         let voiced = rms_dbfs(&samples) > silence_dbfs;
-                        ib.frames.push(Received { at_ms: t0.elapsed().as_secs_f64() * 1000.0, rate, samples, voiced });
+                        ib.frames.push(Received {
+                            at_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                            rate,
+                            samples,
+                            voiced,
+                        });
                     }
                     Ok(Some(Frame::Hangup)) => {
                         ib.ended.get_or_insert("agent_hangup".into());
@@ -190,21 +210,35 @@ pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
         let mut caller = Pacer::new(rate);
         // Listen to the greeting before speaking, like a polite caller.
         let greeting_deadline = Duration::from_millis(args.greeting_timeout_ms);
-        caller.silence_until(&mut writer, &inbox, |ib, now| {
-            let started = ib.first_voiced_after(-1.0);
-            match started {
-                None => now > greeting_deadline.as_secs_f64() * 1000.0,
-                Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
-            }
-        }, t0).await?;
+        caller
+            .silence_until(
+                &mut writer,
+                &inbox,
+                |ib, now| {
+                    let started = ib.first_voiced_after(-1.0);
+                    match started {
+                        None => now > greeting_deadline.as_secs_f64() * 1000.0,
+                        Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
+                    }
+                },
+                t0,
+            )
+            .await?;
         for wav in &args.wavs {
             let samples = read_wav(wav, rate.hz())?;
             let speech_end = caller.play(&mut writer, &samples, silence_dbfs, t0).await?;
             let reply_deadline = speech_end + args.reply_timeout_ms as f64;
-            caller.silence_until(&mut writer, &inbox, |ib, now| match ib.first_voiced_after(speech_end) {
-                None => now > reply_deadline || ib.ended.is_some(),
-                Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
-            }, t0).await?;
+            caller
+                .silence_until(
+                    &mut writer,
+                    &inbox,
+                    |ib, now| match ib.first_voiced_after(speech_end) {
+                        None => now > reply_deadline || ib.ended.is_some(),
+                        Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
+                    },
+                    t0,
+                )
+                .await?;
             let ib = inbox.lock().unwrap();
             let start = ib.first_voiced_after(speech_end);
             let end = ib.last_voiced_ms();
@@ -244,16 +278,28 @@ impl Pacer {
     fn new(rate: AudioRate) -> Pacer {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        Pacer { rate, tick, silence: vec![0; rate.samples_per_20ms()] }
+        Pacer {
+            rate,
+            tick,
+            silence: vec![0; rate.samples_per_20ms()],
+        }
     }
 
     /// Streams `samples`; returns the send time (ms since `t0`) of the last frame louder than
     /// `silence_dbfs`: the end of the caller's speech.
-    async fn play<W: tokio::io::AsyncWrite + Unpin>(&mut self, w: &mut connection::FrameWriter<W>, samples: &[i16], silence_dbfs: f32, t0: Instant) -> Result<f64> {
+    async fn play<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut connection::FrameWriter<W>,
+        samples: &[i16],
+        silence_dbfs: f32,
+        t0: Instant,
+    ) -> Result<f64> {
         let mut speech_end = t0.elapsed().as_secs_f64() * 1000.0;
         for chunk in samples.chunks(self.rate.samples_per_20ms()) {
             self.tick.tick().await;
-            w.write_samples(self.rate, chunk).await.context("the agent closed the call while the caller spoke")?;
+            w.write_samples(self.rate, chunk)
+                .await
+                .context("the agent closed the call while the caller spoke")?;
             if rms_dbfs(chunk) > silence_dbfs {
                 speech_end = t0.elapsed().as_secs_f64() * 1000.0;
             }
@@ -287,7 +333,11 @@ impl Pacer {
 /// Replays a raw capture byte-exactly, frame by frame, at the times in its `.json` (or one
 /// frame per 20 ms of audio when there is none).
 /// Returns the UUID of the capture's id frame.
-async fn replay<W: tokio::io::AsyncWrite + Unpin>(capture: &Path, w: &mut connection::FrameWriter<W>, inbox: &Mutex<Inbox>) -> Result<Uuid> {
+async fn replay<W: tokio::io::AsyncWrite + Unpin>(
+    capture: &Path,
+    w: &mut connection::FrameWriter<W>,
+    inbox: &Mutex<Inbox>,
+) -> Result<Uuid> {
     let bytes = std::fs::read(capture).with_context(|| format!("cannot read capture {}", capture.display()))?;
     let mut buf = bytes::BytesMut::from(&bytes[..]);
     let mut frames = Vec::new();
@@ -295,7 +345,9 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(capture: &Path, w: &mut connec
         frames.push(f);
     }
     anyhow::ensure!(buf.is_empty(), "{} ends with a truncated frame", capture.display());
-    let Some(Frame::Id(id)) = frames.first() else { bail!("{} does not start with an id frame", capture.display()) };
+    let Some(Frame::Id(id)) = frames.first() else {
+        bail!("{} does not start with an id frame", capture.display())
+    };
     let id = *id;
     let times = capture_times(capture)?;
     let start = tokio::time::Instant::now();
@@ -303,10 +355,12 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(capture: &Path, w: &mut connec
     for (i, f) in frames.iter().enumerate() {
         t = match &times {
             Some(ts) => ts.get(i).copied().unwrap_or(t),
-            None => t + match f {
-                Frame::Audio { rate, payload } => payload.len() as f64 / 2.0 / rate.hz() as f64,
-                _ => 0.0,
-            },
+            None => {
+                t + match f {
+                    Frame::Audio { rate, payload } => payload.len() as f64 / 2.0 / rate.hz() as f64,
+                    _ => 0.0,
+                }
+            }
         };
         tokio::time::sleep_until(start + Duration::from_secs_f64(t)).await;
         if inbox.lock().unwrap().ended.is_some() {
@@ -322,9 +376,14 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(capture: &Path, w: &mut connec
 /// Per-frame send times (s) from the capture's `.json` (`frames: [[t, kind, len, ...], ...]`).
 fn capture_times(capture: &Path) -> Result<Option<Vec<f64>>> {
     let json = capture.with_extension("json");
-    let Ok(text) = std::fs::read_to_string(&json) else { return Ok(None) };
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
-    let Some(frames) = v.get("frames").and_then(|f| f.as_array()) else { return Ok(None) };
+    let Ok(text) = std::fs::read_to_string(&json) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))?;
+    let Some(frames) = v.get("frames").and_then(|f| f.as_array()) else {
+        return Ok(None);
+    };
     Ok(Some(frames.iter().filter_map(|f| f.get(0)?.as_f64()).collect()))
 }
 
@@ -335,8 +394,14 @@ pub fn read_wav(path: &Path, rate_hz: u32) -> Result<Vec<i16>> {
     let ch = spec.channels as usize;
     let all: Vec<i16> = match (spec.sample_format, spec.bits_per_sample) {
         (hound::SampleFormat::Int, 16) => r.samples::<i16>().collect::<Result<_, _>>()?,
-        (hound::SampleFormat::Int, b) => r.samples::<i32>().map(|s| s.map(|s| (s >> (b - 16).max(0)) as i16)).collect::<Result<_, _>>()?,
-        (hound::SampleFormat::Float, _) => r.samples::<f32>().map(|s| s.map(|s| (s * 32767.0) as i16)).collect::<Result<_, _>>()?,
+        (hound::SampleFormat::Int, b) => r
+            .samples::<i32>()
+            .map(|s| s.map(|s| (s >> (b - 16).max(0)) as i16))
+            .collect::<Result<_, _>>()?,
+        (hound::SampleFormat::Float, _) => r
+            .samples::<f32>()
+            .map(|s| s.map(|s| (s * 32767.0) as i16))
+            .collect::<Result<_, _>>()?,
     };
     let mono: Vec<i16> = all.chunks(ch).map(|c| c[0]).collect();
     resample_all(&mono, spec.sample_rate, rate_hz)
@@ -356,7 +421,12 @@ fn write_recording(path: &Path, frames: &[Received]) -> Result<()> {
             out.extend(resample_all(&f.samples, f.rate.hz(), rate)?);
         }
     }
-    let spec = hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
     let mut w = hound::WavWriter::create(path, spec).with_context(|| format!("cannot write {}", path.display()))?;
     for s in out {
         w.write_sample(s)?;
@@ -372,6 +442,12 @@ fn pacing(frames: &[Received]) -> Pacing {
     }
     let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
     gaps.sort_by(|a, b| a.total_cmp(b));
-    let p99 = gaps[((gaps.len() as f64 * 0.99).ceil() as usize).saturating_sub(1).min(gaps.len() - 1)];
-    Pacing { mean_gap_ms: mean, p99_gap_ms: p99, max_gap_ms: *gaps.last().unwrap() }
+    let p99 = gaps[((gaps.len() as f64 * 0.99).ceil() as usize)
+        .saturating_sub(1)
+        .min(gaps.len() - 1)];
+    Pacing {
+        mean_gap_ms: mean,
+        p99_gap_ms: p99,
+        max_gap_ms: *gaps.last().unwrap(),
+    }
 }

@@ -32,48 +32,61 @@ impl SttEngine {
         let model = vosk::Model::new(path.to_string_lossy())
             .with_context(|| format!("libvosk could not load the model in {}", path.display()))?;
         let sample_rate = model_sample_rate(path).unwrap_or(16000);
-        Ok(SttEngine { model: Arc::new(model), sample_rate, path: path.to_path_buf() })
+        Ok(SttEngine {
+            model: Arc::new(model),
+            sample_rate,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Starts a recognizer for one call whose audio arrives at `call_rate_hz`. Results come
     /// back on the returned receiver.
-    pub fn start_stream(&self, call_id: &str, call_rate_hz: u32) -> Result<(SttStream, mpsc::UnboundedReceiver<SttResult>)> {
+    pub fn start_stream(
+        &self,
+        call_id: &str,
+        call_rate_hz: u32,
+    ) -> Result<(SttStream, mpsc::UnboundedReceiver<SttResult>)> {
         let mut rec = vosk::Recognizer::new(&self.model, self.sample_rate as f32)
             .context("libvosk could not create a recognizer")?;
         let mut resampler = StreamResampler::new(call_rate_hz, self.sample_rate, 20)?;
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new().name(format!("stt-{}", &call_id[..8.min(call_id.len())])).spawn(move || {
-            let mut buf = Vec::with_capacity(640);
-            let mut text = String::new();
-            for cmd in cmd_rx {
-                match cmd {
-                    Command::Audio(samples) => {
-                        buf.clear();
-                        resampler.push(&samples, &mut buf);
-                        if let Ok(vosk::DecodingState::Finalized) = rec.accept_waveform(&buf) {
-                            // Vosk's own endpoint inside a long utterance: keep its text.
-                            push_words(&mut text, rec.result().single().map(|r| r.text).unwrap_or(""));
+        std::thread::Builder::new()
+            .name(format!("stt-{}", &call_id[..8.min(call_id.len())]))
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(640);
+                let mut text = String::new();
+                for cmd in cmd_rx {
+                    match cmd {
+                        Command::Audio(samples) => {
+                            buf.clear();
+                            resampler.push(&samples, &mut buf);
+                            if let Ok(vosk::DecodingState::Finalized) = rec.accept_waveform(&buf) {
+                                // Vosk's own endpoint inside a long utterance: keep its text.
+                                push_words(&mut text, rec.result().single().map(|r| r.text).unwrap_or(""));
+                            }
                         }
-                    }
-                    Command::Finish(asked) => {
-                        buf.clear();
-                        resampler.flush(&mut buf);
-                        let _ = rec.accept_waveform(&buf);
-                        push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
-                        rec.reset();
-                        let result = SttResult { text: std::mem::take(&mut text), finish_ms: asked.elapsed().as_millis() as u64 };
-                        if res_tx.send(result).is_err() {
-                            break;
+                        Command::Finish(asked) => {
+                            buf.clear();
+                            resampler.flush(&mut buf);
+                            let _ = rec.accept_waveform(&buf);
+                            push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
+                            rec.reset();
+                            let result = SttResult {
+                                text: std::mem::take(&mut text),
+                                finish_ms: asked.elapsed().as_millis() as u64,
+                            };
+                            if res_tx.send(result).is_err() {
+                                break;
+                            }
                         }
-                    }
-                    Command::Discard => {
-                        rec.reset();
-                        text.clear();
+                        Command::Discard => {
+                            rec.reset();
+                            text.clear();
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok((SttStream { tx: cmd_tx }, res_rx))
     }
 }
@@ -81,7 +94,8 @@ impl SttEngine {
 /// Reads `--sample-frequency=N` from the model's `conf/mfcc.conf`.
 fn model_sample_rate(path: &Path) -> Option<u32> {
     let conf = std::fs::read_to_string(path.join("conf/mfcc.conf")).ok()?;
-    conf.lines().find_map(|l| l.trim().strip_prefix("--sample-frequency=")?.trim().parse().ok())
+    conf.lines()
+        .find_map(|l| l.trim().strip_prefix("--sample-frequency=")?.trim().parse().ok())
 }
 
 fn push_words(text: &mut String, words: &str) {

@@ -63,7 +63,10 @@ impl TtsEngine {
             }
         }
         if !espeak_data.join("espeak-ng-data").is_dir() {
-            bail!("{} has no espeak-ng-data folder (install Debian's espeak-ng-data package)", espeak_data.display());
+            bail!(
+                "{} has no espeak-ng-data folder (install Debian's espeak-ng-data package)",
+                espeak_data.display()
+            );
         }
         // piper-rs's espeak-rs reads this to find the phoneme data; set it before first use.
         std::env::set_var("PIPER_ESPEAKNG_DATA_DIRECTORY", espeak_data);
@@ -80,7 +83,9 @@ impl TtsEngine {
             .with_context(|| format!("ONNX Runtime could not load the voice {}", onnx.display()))?;
         let mut piper = piper_rs::Piper::from_session(session, config);
         // One synthesis proves espeak-ng and the voice work before any call arrives.
-        piper.create("Ready.", false, None, settings.length_scale, None, None).context("test synthesis failed")?;
+        piper
+            .create("Ready.", false, None, settings.length_scale, None, None)
+            .context("test synthesis failed")?;
 
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new().name("tts".into()).spawn(move || {
@@ -93,20 +98,38 @@ impl TtsEngine {
                         let pcm = f32_to_i16(&samples, settings.gain);
                         resample_all(&pcm, rate, job.rate_hz)
                     })
-                    .map(|samples| Speech { samples, rate_hz: job.rate_hz, synth_ms: started.elapsed().as_millis() as u64 });
+                    .map(|samples| Speech {
+                        samples,
+                        rate_hz: job.rate_hz,
+                        synth_ms: started.elapsed().as_millis() as u64,
+                    });
                 let _ = job.reply.send(result);
             }
         })?;
-        Ok(TtsEngine { tx: Mutex::new(tx), voice_rate_hz, path: onnx.to_path_buf(), greetings: Mutex::default() })
+        Ok(TtsEngine {
+            tx: Mutex::new(tx),
+            voice_rate_hz,
+            path: onnx.to_path_buf(),
+            greetings: Mutex::default(),
+        })
     }
 
     /// Synthesizes `text` at `rate_hz`. Runs on the synthesis thread; awaiting it does not
     /// block the async runtime.
     pub async fn synthesize(&self, text: &str, rate_hz: u32) -> Result<Speech> {
         let (reply, rx) = oneshot::channel();
-        let job = Job { text: text.to_string(), rate_hz, reply };
-        self.tx.lock().unwrap().send(job).map_err(|_| anyhow::anyhow!("TTS thread has stopped"))?;
-        rx.await.map_err(|_| anyhow::anyhow!("TTS thread dropped the request"))?
+        let job = Job {
+            text: text.to_string(),
+            rate_hz,
+            reply,
+        };
+        self.tx
+            .lock()
+            .unwrap()
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("TTS thread has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("TTS thread dropped the request"))?
     }
 
     /// A fixed prompt (the greeting) at `rate_hz`, synthesized once and cached.
@@ -188,7 +211,13 @@ fn sentence_end(s: &str) -> Option<usize> {
 pub fn speakable(s: &str) -> Option<String> {
     let cleaned: String = s
         .chars()
-        .map(|c| if c.is_alphanumeric() || " .,;:!?'\"-()%$&/".contains(c) { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || " .,;:!?'\"-()%$&/".contains(c) {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect();
     let joined = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
     joined.chars().any(|c| c.is_alphanumeric()).then_some(joined)
@@ -202,10 +231,23 @@ mod tests {
     fn splits_streamed_tokens_into_sentences() {
         let mut s = SentenceSplitter::default();
         let mut got = Vec::new();
-        for tok in ["Of", " course", "!", " We open at 9", " a.m. on", " Saturday", ".", " **See** you", " then"] {
+        for tok in [
+            "Of",
+            " course",
+            "!",
+            " We open at 9",
+            " a.m. on",
+            " Saturday",
+            ".",
+            " **See** you",
+            " then",
+        ] {
             got.extend(s.push(tok));
         }
-        assert_eq!(got, vec!["Of course!".to_string(), "We open at 9 a.m. on Saturday.".to_string()]);
+        assert_eq!(
+            got,
+            vec!["Of course!".to_string(), "We open at 9 a.m. on Saturday.".to_string()]
+        );
         assert_eq!(s.finish().as_deref(), Some("See you then"));
         assert_eq!(s.finish(), None);
     }

@@ -81,7 +81,9 @@ impl Vad {
                     self.in_speech = true;
                     self.utterance_ms = self.voiced_ms;
                     self.silence_ms = 0;
-                    return VadEvent::SpeechStart { onset_ms: self.voiced_ms };
+                    return VadEvent::SpeechStart {
+                        onset_ms: self.voiced_ms,
+                    };
                 }
             } else {
                 self.voiced_ms = 0;
@@ -117,7 +119,11 @@ mod tests {
 
     #[test]
     fn onset_endpoint_and_noise() {
-        let cfg = VadConfig { min_speech_ms: 60, end_silence_ms: 200, ..Default::default() };
+        let cfg = VadConfig {
+            min_speech_ms: 60,
+            end_silence_ms: 200,
+            ..Default::default()
+        };
         let mut v = Vad::new(&cfg);
         let loud = frame(8000);
         let quiet = frame(10);
@@ -143,11 +149,24 @@ mod tests {
 
     #[test]
     fn max_length_cuts() {
-        let cfg = VadConfig { min_speech_ms: 20, max_utterance_ms: 1000, ..Default::default() };
+        let cfg = VadConfig {
+            min_speech_ms: 20,
+            max_utterance_ms: 1000,
+            ..Default::default()
+        };
         let mut v = Vad::new(&cfg);
         let loud = frame(8000);
         let events: Vec<_> = (0..60).map(|_| v.push(&loud, 8000)).collect();
-        assert_eq!(events.iter().filter(|e| **e == VadEvent::SpeechEnd(EndReason::MaxLength)).count(), 1);
-        assert_eq!(events.iter().position(|e| matches!(e, VadEvent::SpeechEnd(_))), Some(49));
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == VadEvent::SpeechEnd(EndReason::MaxLength))
+                .count(),
+            1
+        );
+        assert_eq!(
+            events.iter().position(|e| matches!(e, VadEvent::SpeechEnd(_))),
+            Some(49)
+        );
     }
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 fn voiced_ms(samples: &[i16], rate: u32) -> usize {
     let n = rate as usize / 50;
-    samples.chunks(n).filter(|c| asterisk_voice_agent::audio::rms_dbfs(c) > -40.0).count() * 20
+    samples
+        .chunks(n)
+        .filter(|c| asterisk_voice_agent::audio::rms_dbfs(c) > -40.0)
+        .count()
+        * 20
 }
 
 #[test]
@@ -25,31 +29,56 @@ fn simulated_call_gets_greeting_transcript_reply_and_audio() {
 
     assert!(report["greeting_ms"].as_f64().is_some(), "no greeting: {report}");
     let turn = &report["turns"][0];
-    assert!(turn["voice_to_voice_ms"].as_f64().is_some(), "no reply: {report}\n{}", server.log());
-    assert!(turn["reply_audio_ms"].as_f64().unwrap() >= 300.0, "reply too short: {report}");
+    assert!(
+        turn["voice_to_voice_ms"].as_f64().is_some(),
+        "no reply: {report}\n{}",
+        server.log()
+    );
+    assert!(
+        turn["reply_audio_ms"].as_f64().unwrap() >= 300.0,
+        "reply too short: {report}"
+    );
     assert_eq!(report["ended_by"], "caller");
 
     // The recording holds the greeting and the reply: seconds of non-silent audio.
     let (rate, samples) = read_wav(&rec);
     assert_eq!(rate, 8000);
-    assert!(voiced_ms(&samples, rate) > 2000, "recording has {} ms of voiced audio", voiced_ms(&samples, rate));
+    assert!(
+        voiced_ms(&samples, rate) > 2000,
+        "recording has {} ms of voiced audio",
+        voiced_ms(&samples, rate)
+    );
 
     // The conversation log: the caller's transcript and the agent's reply with timings.
     server.wait_call_line(call_id, "call ended: caller hung up", 10);
     let conv = server.conversation();
-    let caller: Vec<_> = conv.iter().filter(|e| e["call_id"] == call_id && e["speaker"] == "caller").collect();
-    let agent: Vec<_> = conv.iter().filter(|e| e["call_id"] == call_id && e["speaker"] == "agent").collect();
+    let caller: Vec<_> = conv
+        .iter()
+        .filter(|e| e["call_id"] == call_id && e["speaker"] == "caller")
+        .collect();
+    let agent: Vec<_> = conv
+        .iter()
+        .filter(|e| e["call_id"] == call_id && e["speaker"] == "agent")
+        .collect();
     assert_eq!(caller.len(), 1, "{conv:?}");
     assert!(!caller[0]["text"].as_str().unwrap().trim().is_empty(), "{conv:?}");
     assert_eq!(agent.len(), 1, "{conv:?}");
-    assert!(agent[0]["text"].as_str().unwrap().chars().any(char::is_alphabetic), "{conv:?}");
+    assert!(
+        agent[0]["text"].as_str().unwrap().chars().any(char::is_alphabetic),
+        "{conv:?}"
+    );
     for key in ["stt_final_ms", "llm_first_token_ms", "tts_first_audio_ms"] {
         assert!(agent[0][key].as_u64().is_some(), "{key} missing: {:?}", agent[0]);
     }
     assert!(agent[0]["ts"].as_str().unwrap().ends_with('Z'));
     // The same timings reach the service log at INFO with the call id.
     let lines = server.call_lines(call_id);
-    assert!(lines.iter().any(|l| l.contains("agent turn") && l.contains("llm_first_token_ms=")), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("agent turn") && l.contains("llm_first_token_ms=")),
+        "{lines:#?}"
+    );
     // Agent audio was paced: about one frame per 20 ms, no bursts.
     let p = &report["pacing"];
     assert!((p["mean_gap_ms"].as_f64().unwrap() - 20.0).abs() < 1.0, "{p}");
@@ -69,7 +98,11 @@ fn two_simultaneous_calls_both_complete() {
     for r in &reports {
         println!("report: {r}");
         assert!(r["greeting_ms"].as_f64().is_some(), "{r}");
-        assert!(r["turns"][0]["voice_to_voice_ms"].as_f64().is_some(), "no reply: {r}\n{}", server.log());
+        assert!(
+            r["turns"][0]["voice_to_voice_ms"].as_f64().is_some(),
+            "no reply: {r}\n{}",
+            server.log()
+        );
         assert_eq!(r["ended_by"], "caller");
     }
     assert_ne!(reports[0]["call_id"], reports[1]["call_id"]);
@@ -82,7 +115,11 @@ fn two_simultaneous_calls_both_complete() {
 fn replays_of_real_asterisk_captures_end_cleanly() {
     let _g = serial();
     let server = Server::start("");
-    for name in ["asterisk-22.10.1-call.bin", "asterisk-22.10.1-call-chan-slin16.bin", "asterisk-22.10.1-call-chan-ulaw.bin"] {
+    for name in [
+        "asterisk-22.10.1-call.bin",
+        "asterisk-22.10.1-call-chan-slin16.bin",
+        "asterisk-22.10.1-call-chan-ulaw.bin",
+    ] {
         let cap = capture(name);
         let report = server.simulate(&["--replay", cap.to_str().unwrap()]);
         println!("{name}: {report}");
@@ -92,9 +129,15 @@ fn replays_of_real_asterisk_captures_end_cleanly() {
         assert!(report["greeting_ms"].as_f64().is_some(), "{name}: {report}");
         assert_eq!(report["ended_by"], "caller", "{name}");
         if name.contains("ulaw") {
-            assert!(lines.iter().any(|l| l.contains("mu-law") && l.contains("c(slin)")), "{lines:#?}");
+            assert!(
+                lines.iter().any(|l| l.contains("mu-law") && l.contains("c(slin)")),
+                "{lines:#?}"
+            );
         } else {
-            assert!(!lines.iter().any(|l| l.contains("mu-law")), "{name} misdetected: {lines:#?}");
+            assert!(
+                !lines.iter().any(|l| l.contains("mu-law")),
+                "{name} misdetected: {lines:#?}"
+            );
         }
         if name == "asterisk-22.10.1-call.bin" {
             // The four DTMF digits of the capture (1, 2, 3, #) reached the call.
@@ -125,7 +168,10 @@ fn read_to_close(s: &mut TcpStream) -> (usize, bool) {
     while let Ok(Some(f)) = asterisk_voice_agent::audiosocket::Frame::parse(&mut buf) {
         last = Some(f);
     }
-    (all.len(), last == Some(asterisk_voice_agent::audiosocket::Frame::Hangup))
+    (
+        all.len(),
+        last == Some(asterisk_voice_agent::audiosocket::Frame::Hangup),
+    )
 }
 
 #[test]
@@ -147,7 +193,10 @@ fn bad_input_ends_only_that_call() {
         let (_, hangup) = read_to_close(&mut c);
         assert!(hangup, "the agent ends a bad call with a hangup frame");
         server.wait_log("unknown AudioSocket frame kind 0x42", 5);
-        assert!(server.call_lines(&id.to_string()).iter().any(|l| l.contains("ERROR") && l.contains("0x42")));
+        assert!(server
+            .call_lines(&id.to_string())
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("0x42")));
 
         // 2. A truncated frame: the header promises 320 bytes, 100 arrive, then the close.
         let id = uuid::Uuid::new_v4();
@@ -158,19 +207,29 @@ fn bad_input_ends_only_that_call() {
         c.shutdown(std::net::Shutdown::Write).unwrap();
         read_to_close(&mut c);
         server.wait_log("truncated frame", 5);
-        assert!(server.call_lines(&id.to_string()).iter().any(|l| l.contains("truncated frame")));
+        assert!(server
+            .call_lines(&id.to_string())
+            .iter()
+            .any(|l| l.contains("truncated frame")));
 
         // 3. No id frame at all: closed after about 2 s.
         let t = Instant::now();
         let mut c = connect(&addr);
         let (_, _) = read_to_close(&mut c);
         let waited = t.elapsed();
-        assert!(waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5), "{waited:?}");
+        assert!(
+            waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
         server.wait_log("no id frame within 2000 ms", 5);
 
         let report = good.join().unwrap();
         println!("good call: {report}");
-        assert!(report["turns"][0]["voice_to_voice_ms"].as_f64().is_some(), "the good call was harmed: {report}\n{}", server.log());
+        assert!(
+            report["turns"][0]["voice_to_voice_ms"].as_f64().is_some(),
+            "the good call was harmed: {report}\n{}",
+            server.log()
+        );
         assert_eq!(report["ended_by"], "caller");
     });
 }
@@ -179,13 +238,35 @@ fn bad_input_ends_only_that_call() {
 fn serve_refuses_to_start_without_a_model() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.gguf");
-    let cfg = test_config(free_port(), dir.path(), "")
-        .replace(&mirror().join("llm/SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string(), &missing.display().to_string());
+    let cfg = test_config_with(free_port(), dir.path(), &format!("llm = \"{}\"", missing.display()), "");
     std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let out = std::process::Command::new(bin()).args(["serve", "--config"]).arg(dir.path().join("c.toml")).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(&missing.display().to_string()) && err.contains("model-setup"), "{err}");
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("model-setup"),
+        "{err}"
+    );
+
+    // No manifest and no paths: the message names the manifest and the command.
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c2.toml"),
+        format!("[models]\ndir = \"{}\"\n", empty.path().display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("c2.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("manifest.json") && err.contains("model-setup"), "{err}");
 }
 
 #[test]
@@ -193,7 +274,11 @@ fn serve_rejects_unknown_config_keys() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(free_port(), dir.path(), "[vad]\nend_silense_ms = 600\n");
     std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let out = std::process::Command::new(bin()).args(["serve", "--config"]).arg(dir.path().join("c.toml")).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("end_silense_ms") && err.contains("c.toml"), "{err}");

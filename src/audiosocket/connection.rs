@@ -47,7 +47,10 @@ pub fn split(stream: TcpStream) -> (FrameReader<OwnedReadHalf>, FrameWriter<Owne
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a byte stream.
     pub fn new(stream: R) -> Self {
-        FrameReader { stream, buffer: BytesMut::with_capacity(4096) }
+        FrameReader {
+            stream,
+            buffer: BytesMut::with_capacity(4096),
+        }
     }
 
     /// Reads the next whole frame. `Ok(None)` is a clean end of stream (the caller hung up:
@@ -72,7 +75,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a byte sink.
     pub fn new(stream: W) -> Self {
-        FrameWriter { stream, buffer: BytesMut::with_capacity(2048) }
+        FrameWriter {
+            stream,
+            buffer: BytesMut::with_capacity(2048),
+        }
     }
 
     /// Writes one frame.

