@@ -7,4 +7,4 @@ source "$(dirname "$0")/env.sh"
 cd "$REPO"
 cargo build --release --locked
 AVA_BIN="$AVA_BIN" "$REPO/scripts/install-models.sh" "$AVA_MODELS"
-cargo test --release --locked -- --test-threads=1 "$@"
+cargo test --release --locked --no-fail-fast -- --test-threads=1 "$@"

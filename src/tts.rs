@@ -168,7 +168,9 @@ impl SentenceSplitter {
         let mut out = Vec::new();
         loop {
             let cut = sentence_end(&self.buf).or_else(|| {
-                (self.buf.chars().count() > Self::MAX_CHARS).then(|| self.buf.rfind(' ').unwrap_or(self.buf.len()))
+                // Too long without a sentence end: cut at the last space within MAX_CHARS.
+                let limit = self.buf.char_indices().nth(Self::MAX_CHARS).map(|(i, _)| i)?;
+                Some(self.buf[..limit].rfind(' ').filter(|&i| i > 0).unwrap_or(limit))
             });
             let Some(cut) = cut else { break };
             let rest = self.buf.split_off(cut);

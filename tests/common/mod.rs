@@ -142,6 +142,11 @@ impl Server {
         s
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The service log so far (stderr, tracing at INFO).
     pub fn log(&self) -> String {
         let mut s = String::new();

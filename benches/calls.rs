@@ -1,0 +1,149 @@
+//! Benchmark: N simultaneous simulated calls against the real `serve` with the test models.
+//! Prints voice-to-voice latency p50/p95, greeting latency, the stage split (Vosk's final
+//! decode, LLM first token, first TTS audio, each from the conversation log), agent pacing
+//! jitter, start-up time and RSS (idle and peak). Not a test: it asserts nothing about speed.
+//!
+//! Run: `cargo bench --bench calls` (after `scripts/install-models.sh`). Environment:
+//! `BENCH_CALLS=1,4` (call counts, a fresh server each), `BENCH_WAVS=a.wav,b.wav` (utterances
+//! per call; default book_appointment and opening_hours).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(((v.len() as f64) * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let counts: Vec<usize> = std::env::var("BENCH_CALLS")
+        .unwrap_or_else(|_| "1,4".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("BENCH_CALLS is a list of numbers"))
+        .collect();
+    let wavs: Vec<String> = std::env::var("BENCH_WAVS")
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_else(|_| {
+            ["book_appointment.8k.wav", "opening_hours.8k.wav"]
+                .iter()
+                .map(|n| audio(n).display().to_string())
+                .collect()
+        });
+    println!("asterisk-voice-agent call benchmark: test tier (Vosk ko, SmolLM2-135M Q4_1, Piper joe medium), {} utterances per call", wavs.len());
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    for n in counts {
+        let server = Server::start("");
+        let pid = server.pid();
+        let startup = server
+            .log()
+            .lines()
+            .find(|l| l.contains("AudioSocket server ready"))
+            .and_then(|l| l.split("startup_ms=").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let idle_rss = status_kb(pid, "VmRSS:");
+        let mut args: Vec<&str> = Vec::new();
+        for w in &wavs {
+            args.extend(["--wav", w.as_str()]);
+        }
+        let reports: Vec<Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n).map(|_| s.spawn(|| server.simulate(&args))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let peak_rss = status_kb(pid, "VmHWM:");
+
+        let mut v2v = Vec::new();
+        let mut missing = 0;
+        let mut greet = Vec::new();
+        let mut p99 = Vec::new();
+        let mut maxgap = Vec::new();
+        for r in &reports {
+            if let Some(g) = r["greeting_ms"].as_f64() {
+                greet.push(g);
+            }
+            for t in r["turns"].as_array().unwrap() {
+                match t["voice_to_voice_ms"].as_f64() {
+                    Some(x) => v2v.push(x),
+                    None => missing += 1,
+                }
+            }
+            p99.push(r["pacing"]["p99_gap_ms"].as_f64().unwrap_or(f64::NAN));
+            maxgap.push(r["pacing"]["max_gap_ms"].as_f64().unwrap_or(f64::NAN));
+        }
+        let conv = server.conversation();
+        let agent: Vec<&Value> = conv
+            .iter()
+            .filter(|e| e["speaker"] == "agent" && !e["interrupted"].as_bool().unwrap_or(false))
+            .collect();
+        let stage = |k: &str| -> Vec<f64> { agent.iter().filter_map(|e| e[k].as_f64()).collect() };
+        let (mut stt, mut llm, mut tts) = (
+            stage("stt_final_ms"),
+            stage("llm_first_token_ms"),
+            stage("tts_first_audio_ms"),
+        );
+
+        println!(
+            "\n== {n} simultaneous call(s), {} turns ({missing} without a reply)",
+            v2v.len() + missing
+        );
+        println!(
+            "voice-to-voice (end of caller speech -> first agent audio): p50 {:.0} ms, p95 {:.0} ms",
+            pct(&mut v2v, 0.5),
+            pct(&mut v2v, 0.95)
+        );
+        println!("  of which endpointing silence (vad.end_silence_ms): 500 ms");
+        println!(
+            "  Vosk final decode after the endpoint (stt_final_ms): p50 {:.0} ms, p95 {:.0} ms",
+            pct(&mut stt, 0.5),
+            pct(&mut stt, 0.95)
+        );
+        println!(
+            "  final transcript -> LLM first token: p50 {:.0} ms, p95 {:.0} ms",
+            pct(&mut llm, 0.5),
+            pct(&mut llm, 0.95)
+        );
+        println!(
+            "  final transcript -> first agent audio queued: p50 {:.0} ms, p95 {:.0} ms",
+            pct(&mut tts, 0.5),
+            pct(&mut tts, 0.95)
+        );
+        println!(
+            "greeting (id frame -> first agent audio): p50 {:.0} ms, max {:.0} ms",
+            pct(&mut greet, 0.5),
+            pct(&mut greet, 1.0)
+        );
+        println!(
+            "agent pacing gaps: worst call p99 {:.2} ms, worst max {:.2} ms",
+            pct(&mut p99, 1.0),
+            pct(&mut maxgap, 1.0)
+        );
+        println!(
+            "serve: start-up {startup} ms, RSS idle {} MB, peak {} MB",
+            idle_rss / 1024,
+            peak_rss / 1024
+        );
+    }
+}
