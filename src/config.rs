@@ -24,6 +24,133 @@ pub struct Config {
     pub vad: VadConfig,
     /// `[log]`: the conversation log.
     pub log: LogConfig,
+    /// `[barge_in]`: when caller speech interrupts the agent.
+    pub barge_in: BargeInConfig,
+    /// `[call]`: prompts, limits and fallbacks of a call.
+    pub call: CallConfig,
+    /// `[agi]`: the FastAGI server for caller ID and call control.
+    pub agi: AgiConfig,
+    /// `[actions]`: what the agent may do to the call (transfer destinations, DTMF bindings).
+    pub actions: ActionsConfig,
+    /// `[test_faults]`: fault injection, for the test suite only.
+    pub test_faults: FaultsConfig,
+}
+
+/// `[barge_in]` section. Caller speech while the agent speaks first pauses the agent's audio
+/// (at VAD onset, within about 100 ms); if the speech lasts `confirm_ms` the reply is cancelled,
+/// otherwise (a cough, a click) playback resumes where it paused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BargeInConfig {
+    /// Caller speech may interrupt the agent. Default true.
+    pub enabled: bool,
+    /// Speech (ms) that turns a pause into a barge-in that cancels the reply. Default 300.
+    pub confirm_ms: u32,
+    /// No barge-in during the first ms of each agent reply (its own echo at start). Default 200.
+    pub guard_after_start_ms: u32,
+    /// Speech starting within this many ms after the agent stopped is ignored (echo tail).
+    /// Default 150.
+    pub guard_after_stop_ms: u32,
+}
+
+impl Default for BargeInConfig {
+    fn default() -> Self {
+        BargeInConfig {
+            enabled: true,
+            confirm_ms: 300,
+            guard_after_start_ms: 200,
+            guard_after_stop_ms: 150,
+        }
+    }
+}
+
+/// `[call]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallConfig {
+    /// Played when a reply is not ready `filler_after_ms` after the endpoint. Default "One moment.".
+    pub filler: String,
+    /// Dead-air limit before the filler (ms after the endpoint). Default 1200.
+    pub filler_after_ms: u64,
+    /// Played when STT heard nothing usable. Default "Sorry, I didn't catch that. Could you say it again?".
+    pub not_understood: String,
+    /// Played before hanging up when the LLM keeps failing. Default an apology.
+    pub apology: String,
+    /// Played before hanging up at the call limits. Default "Thank you for calling. Goodbye.".
+    pub goodbye: String,
+    /// Longest call (ms); then the goodbye and a hangup. Default 600000 (10 min).
+    pub max_call_ms: u64,
+    /// Longest time (ms) without caller speech; then the goodbye and a hangup. Default 30000.
+    pub max_silence_ms: u64,
+    /// A reply whose first token has not come in this many ms is retried. Default 5000.
+    pub llm_timeout_ms: u64,
+    /// Retries of a failed or timed-out reply before the fallback model (or the apology). Default 2.
+    pub llm_retries: u32,
+    /// A second GGUF used when the main one keeps failing. Default none.
+    pub fallback_llm: Option<std::path::PathBuf>,
+    /// A second Piper voice (`.onnx`) used when synthesis fails. Default none: canned prompts.
+    pub fallback_voice: Option<std::path::PathBuf>,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        CallConfig {
+            filler: "One moment.".into(),
+            filler_after_ms: 1200,
+            not_understood: "Sorry, I didn't catch that. Could you say it again?".into(),
+            apology: "I'm sorry, I'm having trouble right now. Please call again later. Goodbye.".into(),
+            goodbye: "Thank you for calling. Goodbye.".into(),
+            max_call_ms: 600_000,
+            max_silence_ms: 30_000,
+            llm_timeout_ms: 5000,
+            llm_retries: 2,
+            fallback_llm: None,
+            fallback_voice: None,
+        }
+    }
+}
+
+/// `[agi]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgiConfig {
+    /// FastAGI listen address (`AGI(agi://127.0.0.1:4573/...)`); none disables it. Default
+    /// `127.0.0.1:4573` (loopback: Asterisk runs on the same host).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AgiConfig {
+    fn default() -> Self {
+        AgiConfig {
+            listen: Some("127.0.0.1:4573".parse().unwrap()),
+        }
+    }
+}
+
+/// `[actions]` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActionsConfig {
+    /// Transfer destinations the agent may choose, by name: `operator = "PJSIP/100"`. The value
+    /// is handed to the dialplan in `AVA_TRANSFER`; the LLM only ever picks a name. Default none.
+    pub transfer: std::collections::BTreeMap<String, String>,
+    /// DTMF digit bindings: `"0" = "transfer:operator"`, `"#" = "hangup"`. Digits with no binding
+    /// reach the conversation as text. Default none.
+    pub dtmf: std::collections::BTreeMap<String, String>,
+}
+
+/// `[test_faults]` section: inject faults to test the fallbacks. Never set in production.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsConfig {
+    /// STT returns nothing for every utterance.
+    pub stt_empty: bool,
+    /// The first N LLM requests of each call fail.
+    pub llm_fail_first: u32,
+    /// Every LLM request waits this long (ms) before starting.
+    pub llm_delay_ms: u64,
+    /// Every reply synthesis with the main voice fails.
+    pub tts_fail: bool,
 }
 
 /// `[server]` section.
