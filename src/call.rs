@@ -1,12 +1,14 @@
 //! One call, from the id frame to the close: reads the caller's frames, runs VAD and STT on
 //! them, starts a reply (LLM -> sentences -> TTS) at each endpoint, and paces the agent's audio
 //! out one 20 ms frame at a time, with silence whenever it has nothing to say (Asterisk's
-//! `AudioSocket()` hangs up after 2 s without activity). Caller speech during agent audio
-//! (barge-in) drops the queued audio and cancels the reply.
+//! `AudioSocket()` hangs up after 2 s without activity). Turn-taking lives here: barge-in
+//! (pause at speech onset, cancel once confirmed, resume after a short noise), echo guards,
+//! the filler against dead air, the fallbacks when STT, the LLM or TTS fail, DTMF bindings,
+//! call limits, and ending the call with a hangup or a transfer decision.
 
 use crate::audio::{bytes_to_samples, ulaw_to_linear, Encoding, UlawDetector};
 use crate::audiosocket::{AudioRate, ConnectionError, Frame, FrameReader, FrameWriter};
-use crate::config::Config;
+use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
 use crate::engines::Engines;
 use crate::llm::{LlmEvent, LlmSession, Message, Role};
@@ -14,7 +16,7 @@ use crate::stt::{SttResult, SttStream};
 use crate::tts::{SentenceSplitter, TtsEngine};
 use crate::vad::{Vad, VadEvent};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -37,8 +39,8 @@ pub struct Shared {
 pub enum CallEnd {
     /// The caller hung up (EOF from Asterisk).
     CallerHangup,
-    /// The agent sent a hangup frame (server shutdown).
-    AgentHangup,
+    /// The agent sent a hangup frame; the text says why (shutdown, goodbye, transfer, limit).
+    AgentHangup(String),
     /// A protocol or socket error ended this call; the text says what.
     Error(String),
 }
@@ -105,9 +107,9 @@ async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd
             error!("call ended by error: {msg}");
             let _ = writer.hangup().await;
         }
-        CallEnd::AgentHangup => {
+        CallEnd::AgentHangup(why) => {
             let _ = writer.hangup().await;
-            info!("call ended: agent hung up");
+            info!("call ended: agent hung up ({why})");
         }
         CallEnd::CallerHangup => {
             let _ = writer.shutdown().await;
@@ -122,11 +124,24 @@ async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String, c
     CallEnd::Error(msg)
 }
 
+/// What a piece of agent audio is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SegKind {
+    /// The greeting.
+    Greeting,
+    /// A sentence of an LLM reply.
+    Reply,
+    /// A fixed prompt (filler, "didn't catch that", apology, goodbye).
+    Prompt,
+}
+
 /// A piece of agent audio waiting to be played.
 struct Segment {
     turn: u64,
+    kind: SegKind,
     rate: AudioRate,
     samples: Arc<Vec<i16>>,
+    /// Samples already played.
     pos: usize,
     text: String,
 }
@@ -138,10 +153,21 @@ struct Turn {
     /// When the caller's final text arrived.
     t_final: Instant,
     timings: TurnTimings,
-    /// Sentences whose audio has started playing.
+    /// Sentences of this reply whose audio has been played to the end.
     played: Vec<String>,
     /// The whole reply text, once generation ended.
     full_text: Option<String>,
+    /// Audio of this reply has been queued.
+    audio_queued: bool,
+}
+
+/// How the call ends once the queued audio has played.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    /// Hang up (goodbye, apology, limits).
+    Hangup(String),
+    /// Hang up and tell the dialplan to transfer to this destination.
+    Transfer { name: String, destination: String },
 }
 
 enum ReplyEvent {
@@ -159,11 +185,24 @@ enum ReplyEvent {
         turn: u64,
         text: String,
     },
-    Failed {
+    /// The LLM failed on every attempt and model: apologize and hang up.
+    LlmFailed {
+        turn: u64,
+        error: String,
+    },
+    /// Synthesis failed with every voice: the caller hears a canned prompt instead.
+    TtsFailed {
         turn: u64,
         error: String,
     },
 }
+
+/// A paused agent resumes once the caller's sound has been followed by this much silence (ms)
+/// without reaching `[barge_in] confirm_ms`.
+const RESUME_AFTER_SILENCE_MS: u32 = 120;
+
+/// Milliseconds without another key before unbound DTMF digits go to the conversation.
+const DTMF_FLUSH_MS: u64 = 1500;
 
 struct Call {
     id: String,
@@ -171,13 +210,16 @@ struct Call {
     vad: Vad,
     stt: SttStream,
     stt_rx: mpsc::UnboundedReceiver<SttResult>,
-    llm: LlmSession,
+    llm: Arc<LlmSession>,
+    fallback_llm: Option<Arc<LlmSession>>,
     history: Vec<Message>,
     queue: VecDeque<Segment>,
     turn: Option<Turn>,
     next_turn: u64,
     reply_tx: mpsc::UnboundedSender<ReplyEvent>,
     reply_rx: mpsc::UnboundedReceiver<ReplyEvent>,
+    /// LLM requests made so far (for `[test_faults] llm_fail_first`).
+    llm_requests: Arc<AtomicU32>,
     /// The rate of the caller's audio, once seen; the agent answers at the same rate.
     in_rate: Option<AudioRate>,
     out_rate: AudioRate,
@@ -185,6 +227,21 @@ struct Call {
     encoding: Encoding,
     pre_roll: VecDeque<Vec<i16>>,
     pre_roll_samples: usize,
+    /// Tentative barge-in: the agent's audio is paused since this caller speech onset.
+    paused_since: Option<Instant>,
+    /// The current VAD utterance is ignored (echo guard).
+    ignoring_utterance: bool,
+    /// When the agent's current stretch of audio started, and when its last one ended.
+    agent_started: Option<Instant>,
+    agent_stopped: Option<Instant>,
+    /// The filler plays at this time unless reply audio comes first.
+    filler_due: Option<Instant>,
+    started: Instant,
+    /// Last caller speech (onset or end) or end of agent audio: for `max_silence_ms`.
+    last_activity: Instant,
+    dtmf: String,
+    dtmf_last: Option<Instant>,
+    ending: Option<Ending>,
 }
 
 impl Call {
@@ -193,7 +250,7 @@ impl Call {
         // Caller audio is resampled to the STT rate on the STT thread; until the first audio
         // frame we assume the application's 8 kHz.
         let (stt, stt_rx) = shared.engines.stt.start_stream(&id, 8000)?;
-        let llm = LlmSession::start(shared.engines.llm.clone(), &id)?;
+        let llm = Arc::new(LlmSession::start(shared.engines.llm.clone(), &id)?);
         let history = vec![
             Message {
                 role: Role::System,
@@ -207,23 +264,36 @@ impl Call {
         // Evaluate the system prompt and greeting while the greeting plays.
         llm.warm(history.clone());
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
         Ok(Call {
             vad: Vad::new(&cfg.vad),
             stt,
             stt_rx,
             llm,
+            fallback_llm: None,
             history,
             queue: VecDeque::new(),
             turn: None,
             next_turn: 1,
             reply_tx,
             reply_rx,
+            llm_requests: Arc::new(AtomicU32::new(0)),
             in_rate: None,
             out_rate: AudioRate::Slin8,
             ulaw: UlawDetector::default(),
             encoding: Encoding::Unknown,
             pre_roll: VecDeque::new(),
             pre_roll_samples: 0,
+            paused_since: None,
+            ignoring_utterance: false,
+            agent_started: None,
+            agent_stopped: None,
+            filler_due: None,
+            started: now,
+            last_activity: now,
+            dtmf: String::new(),
+            dtmf_last: None,
+            ending: None,
             id,
             shared,
         })
@@ -240,19 +310,15 @@ impl Call {
         W: AsyncWrite + Unpin,
     {
         // The greeting was synthesized at start-up: queue it before the first tick.
-        match self
-            .shared
-            .engines
-            .tts
-            .cached(&self.shared.cfg.agent.greeting, self.out_rate.hz())
-            .await
-        {
+        let greeting = self.shared.cfg.agent.greeting.clone();
+        match self.shared.engines.tts.cached(&greeting, self.out_rate.hz()).await {
             Ok(samples) => self.queue.push_back(Segment {
                 turn: 0,
+                kind: SegKind::Greeting,
                 rate: self.out_rate,
                 samples,
                 pos: 0,
-                text: self.shared.cfg.agent.greeting.clone(),
+                text: greeting,
             }),
             Err(e) => error!("greeting unavailable: {e:#}"),
         }
@@ -263,20 +329,40 @@ impl Call {
             tokio::select! {
                 biased;
                 _ = tick.tick() => {
+                    self.on_tick();
                     let rate = self.next_frame(&mut frame_buf);
                     if let Err(e) = writer.write_samples(rate, &frame_buf).await {
                         return CallEnd::Error(format!("cannot write to Asterisk: {e}"));
+                    }
+                    if let Some(end) = self.ended() {
+                        return end;
                     }
                 }
                 frame = reader.read_frame() => match frame {
                     Ok(Some(frame)) => if let Err(end) = self.on_frame(frame) { return end; },
                     Ok(None) => return CallEnd::CallerHangup,
-                    Err(ConnectionError::Truncated(n)) => return CallEnd::Error(format!("truncated frame: the connection closed with {n} bytes of an incomplete frame")),
+                    Err(ConnectionError::Truncated(n)) => return CallEnd::Error(format!(
+                        "truncated frame: the connection closed with {n} bytes of an incomplete frame"
+                    )),
                     Err(e) => return CallEnd::Error(format!("{e}")),
                 },
                 Some(result) = self.stt_rx.recv() => self.on_transcript(result),
                 Some(ev) = self.reply_rx.recv() => self.on_reply(ev),
-                _ = shutdown.changed() => return CallEnd::AgentHangup,
+                _ = shutdown.changed() => return CallEnd::AgentHangup("server shutting down".into()),
+            }
+        }
+    }
+
+    /// The call is over once a decided ending's audio has played out.
+    fn ended(&mut self) -> Option<CallEnd> {
+        if !self.queue.is_empty() {
+            return None;
+        }
+        match self.ending.take()? {
+            Ending::Hangup(why) => Some(CallEnd::AgentHangup(why)),
+            Ending::Transfer { name, destination } => {
+                info!(transfer = %name, destination = %destination, "decision: transfer");
+                Some(CallEnd::AgentHangup(format!("transfer to {name}")))
             }
         }
     }
@@ -284,26 +370,107 @@ impl Call {
     /// Fills `buf` with the next 20 ms of agent audio (or silence) and returns its rate.
     fn next_frame(&mut self, buf: &mut Vec<i16>) -> AudioRate {
         buf.clear();
-        let Some(seg) = self.queue.front_mut() else {
+        let front = if self.paused_since.is_some() {
+            None
+        } else {
+            self.queue.front_mut()
+        };
+        let Some(seg) = front else {
             buf.resize(self.out_rate.samples_per_20ms(), 0);
             return self.out_rate;
         };
+        if self.agent_started.is_none() {
+            self.agent_started = Some(Instant::now());
+        }
         let rate = seg.rate;
         let n = rate.samples_per_20ms();
-        if seg.pos == 0 {
-            if let Some(turn) = self.turn.as_mut().filter(|t| t.id == seg.turn) {
-                turn.played.push(seg.text.clone());
-            }
-        }
         let end = (seg.pos + n).min(seg.samples.len());
         buf.extend_from_slice(&seg.samples[seg.pos..end]);
         buf.resize(n, 0);
         seg.pos = end;
         if seg.pos >= seg.samples.len() {
-            self.queue.pop_front();
+            let seg = self.queue.pop_front().unwrap();
+            if seg.kind == SegKind::Reply {
+                if let Some(turn) = self.turn.as_mut().filter(|t| t.id == seg.turn) {
+                    turn.played.push(seg.text);
+                }
+            }
+            if self.queue.is_empty() {
+                self.agent_started = None;
+                self.agent_stopped = Some(Instant::now());
+                self.last_activity = Instant::now();
+            }
             self.maybe_finish_turn();
         }
         rate
+    }
+
+    /// Timers, checked every 20 ms: the filler, unbound DTMF digits, the call limits, and the
+    /// barge-in confirmation.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
+        if self.filler_due.is_some_and(|due| now >= due) && self.queue.is_empty() {
+            self.filler_due = None;
+            info!(after_ms = cfg.call.filler_after_ms, "dead air: playing the filler");
+            let filler = cfg.call.filler.clone();
+            self.play_prompt(&filler, "filler");
+        }
+        if self
+            .dtmf_last
+            .is_some_and(|t| now - t >= Duration::from_millis(DTMF_FLUSH_MS))
+        {
+            self.flush_dtmf();
+        }
+        if self.ending.is_none() {
+            let call_ms = (now - self.started).as_millis() as u64;
+            let quiet = self.queue.is_empty() && self.turn.is_none() && !self.vad.in_speech();
+            if call_ms >= cfg.call.max_call_ms {
+                info!(max_call_ms = cfg.call.max_call_ms, "call limit reached: saying goodbye");
+                self.say_goodbye("maximum call duration");
+            } else if quiet && (now - self.last_activity).as_millis() as u64 >= cfg.call.max_silence_ms {
+                info!(
+                    max_silence_ms = cfg.call.max_silence_ms,
+                    "caller silent too long: saying goodbye"
+                );
+                self.say_goodbye("caller silent");
+            }
+        }
+        self.confirm_barge_in();
+    }
+
+    fn say_goodbye(&mut self, why: &str) {
+        self.stop_agent(true);
+        let goodbye = self.shared.cfg.call.goodbye.clone();
+        self.play_prompt(&goodbye, "goodbye");
+        self.ending = Some(Ending::Hangup(why.into()));
+    }
+
+    /// Queues a fixed prompt (pre-rendered at start-up) and logs it as an agent utterance.
+    fn play_prompt(&mut self, text: &str, what: &'static str) {
+        let tts = &self.shared.engines.tts;
+        let found = tts
+            .get_cached(text, self.out_rate.hz())
+            .map(|s| (self.out_rate, s))
+            .or_else(|| {
+                // A rate it was not rendered at: Asterisk accepts 8 kHz audio on any call.
+                tts.get_cached(text, 8000).map(|s| (AudioRate::Slin8, s))
+            });
+        match found {
+            Some((rate, samples)) => self.queue.push_back(Segment {
+                turn: 0,
+                kind: SegKind::Prompt,
+                rate,
+                samples,
+                pos: 0,
+                text: text.into(),
+            }),
+            None => error!(prompt = what, "prompt {text:?} was not rendered at start-up"),
+        }
+        let mut entry = Entry::now(&self.id, Speaker::Agent, text.to_string());
+        entry.prompt = Some(what);
+        self.shared.log.write(entry);
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), CallEnd> {
@@ -315,7 +482,7 @@ impl Call {
                     if self.encoding == Encoding::Ulaw {
                         warn!(
                             "caller audio under kind 0x10 is G.711 mu-law (160-byte frames), not slin: decoding it. \
-                               Use Dial(AudioSocket/host:port/uuid/c(slin)) or c(slin16) in the dialplan"
+                             Use Dial(AudioSocket/host:port/uuid/c(slin)) or c(slin16) in the dialplan"
                         );
                     }
                 }
@@ -329,7 +496,7 @@ impl Call {
                 }
                 self.on_audio(samples, rate.hz());
             }
-            Frame::Dtmf(d) => info!(digit = %d, "DTMF digit"),
+            Frame::Dtmf(d) => self.on_dtmf(d),
             Frame::Hangup => return Err(CallEnd::CallerHangup),
             Frame::Error(code) => return Err(CallEnd::Error(format!("Asterisk sent an error frame (code {code:?})"))),
             Frame::Id(u) => warn!("ignoring a second id frame ({u})"),
@@ -370,86 +537,224 @@ impl Call {
                     }
                 }
             }
-            VadEvent::None => self.stt.audio(samples),
-            VadEvent::SpeechStart { onset_ms } => {
-                debug!(onset_ms, "speech started");
-                for f in self.pre_roll.drain(..) {
-                    self.stt.audio(f);
-                }
-                self.pre_roll_samples = 0;
-                self.stt.audio(samples);
-                if self.shared.cfg.vad.barge_in {
-                    self.barge_in();
+            VadEvent::None => {
+                if !self.ignoring_utterance {
+                    self.stt.audio(samples);
                 }
             }
-            VadEvent::SpeechEnd(reason) => {
-                debug!(?reason, "speech ended");
-                self.stt.audio(samples);
-                self.stt.finish();
-            }
+            VadEvent::SpeechStart { onset_ms } => self.on_speech_start(samples, onset_ms),
+            VadEvent::SpeechEnd(reason) => self.on_speech_end(samples, reason),
         }
     }
 
-    /// Caller speech while the agent talks or thinks: drop queued audio, cancel the reply and
-    /// keep in the history only what the caller heard.
-    fn barge_in(&mut self) {
-        let greeting_playing = self.queue.iter().any(|s| s.turn == 0);
-        if self.turn.is_none() && !greeting_playing {
+    fn on_speech_start(&mut self, samples: Vec<i16>, onset_ms: u32) {
+        let now = Instant::now();
+        let b = &self.shared.cfg.barge_in;
+        self.last_activity = now;
+        self.filler_due = None;
+        let speaking = !self.queue.is_empty();
+        let since_start = self.agent_started.map(|t| (now - t).as_millis() as u32);
+        let since_stop = self.agent_stopped.map(|t| (now - t).as_millis() as u32);
+        if speaking && since_start.is_some_and(|ms| ms < b.guard_after_start_ms) {
+            debug!(onset_ms, "speech onset right after the agent started: treated as echo");
+            self.ignoring_utterance = true;
             return;
         }
+        if !speaking && since_stop.is_some_and(|ms| ms < b.guard_after_stop_ms) {
+            debug!(onset_ms, "speech onset right after the agent stopped: treated as echo");
+            self.ignoring_utterance = true;
+            return;
+        }
+        self.ignoring_utterance = false;
+        debug!(onset_ms, "speech started");
+        for f in self.pre_roll.drain(..) {
+            self.stt.audio(f);
+        }
+        self.pre_roll_samples = 0;
+        self.stt.audio(samples);
+        if speaking && b.enabled && self.paused_since.is_none() {
+            self.paused_since = Some(now);
+            info!(onset_ms, "caller speech during agent audio: agent paused");
+        }
+    }
+
+    fn on_speech_end(&mut self, samples: Vec<i16>, reason: crate::vad::EndReason) {
+        self.last_activity = Instant::now();
+        if std::mem::take(&mut self.ignoring_utterance) {
+            self.stt.discard();
+            return;
+        }
+        if let Some(since) = self.paused_since.take() {
+            // The sound ended before it was confirmed as a barge-in: a cough, a click.
+            info!(
+                ms = since.elapsed().as_millis() as u64,
+                "short sound during agent audio: resuming"
+            );
+            self.stt.discard();
+            return;
+        }
+        debug!(?reason, "speech ended");
+        self.stt.audio(samples);
+        self.stt.finish();
+        self.filler_due = Some(Instant::now() + Duration::from_millis(self.shared.cfg.call.filler_after_ms));
+    }
+
+    /// A paused agent whose caller has kept talking for `confirm_ms` is interrupted for good;
+    /// one whose caller fell silent again before that (a cough, a click) resumes at once.
+    fn confirm_barge_in(&mut self) {
+        let Some(since) = self.paused_since else { return };
+        let silent_ms = self.vad.trailing_silence_ms();
+        if !self.vad.in_speech() || silent_ms >= RESUME_AFTER_SILENCE_MS {
+            info!(
+                ms = since.elapsed().as_millis() as u64,
+                "short sound during agent audio: resuming"
+            );
+            self.paused_since = None;
+            // The rest of this utterance is noise, not something to answer.
+            self.ignoring_utterance = true;
+            return;
+        }
+        if since.elapsed() < Duration::from_millis(self.shared.cfg.barge_in.confirm_ms as u64) {
+            return;
+        }
+        self.paused_since = None;
         let dropped_ms: usize = self
             .queue
             .iter()
             .map(|s| (s.samples.len() - s.pos) * 1000 / s.rate.hz() as usize)
             .sum();
+        info!(dropped_ms, "barge-in: agent stopped");
+        // An LLM-decided ending is dropped: the caller wants to go on. Limits still apply.
+        if matches!(self.ending, Some(Ending::Transfer { .. })) || self.turn.is_some() {
+            self.ending = None;
+        }
+        self.stop_agent(true);
+    }
+
+    /// Drops all queued agent audio and ends the current reply, keeping in the history what
+    /// the caller heard (to the word, estimated from the samples played).
+    fn stop_agent(&mut self, interrupted: bool) {
+        let partial = self
+            .queue
+            .front()
+            .filter(|s| s.kind == SegKind::Reply && s.pos > 0)
+            .map(|s| {
+                let words: Vec<&str> = s.text.split_whitespace().collect();
+                let n = (words.len() * s.pos).div_ceil(s.samples.len().max(1));
+                (s.turn, words[..n.min(words.len())].join(" "))
+            });
         self.queue.clear();
-        if let Some(turn) = self.turn.take() {
+        self.paused_since = None;
+        if self.agent_started.take().is_some() {
+            self.agent_stopped = Some(Instant::now());
+        }
+        if let Some(mut turn) = self.turn.take() {
             turn.cancel.store(true, Ordering::Relaxed);
-            info!(dropped_ms, "barge-in: agent stopped");
-            self.finish_turn(turn, true);
-        } else {
-            info!(dropped_ms, "barge-in during the greeting");
+            if let Some((id, words)) = partial.filter(|(id, _)| *id == turn.id) {
+                let _ = id;
+                turn.played.push(words);
+            }
+            self.finish_turn(turn, interrupted);
+        }
+    }
+
+    fn on_dtmf(&mut self, digit: char) {
+        info!(digit = %digit, "DTMF digit");
+        self.last_activity = Instant::now();
+        let shared = self.shared.clone();
+        let binding = shared.cfg.actions.dtmf.get(&digit.to_string()).cloned();
+        match binding.as_deref().map(|b| b.split_once(':').unwrap_or((b, ""))) {
+            Some(("hangup", _)) => {
+                info!(digit = %digit, "DTMF bound to hangup");
+                self.say_goodbye("caller pressed a hangup key");
+            }
+            Some(("transfer", name)) => match shared.cfg.actions.transfer.get(name) {
+                Some(dest) => {
+                    info!(digit = %digit, transfer = name, "DTMF bound to a transfer");
+                    self.stop_agent(true);
+                    self.ending = Some(Ending::Transfer {
+                        name: name.into(),
+                        destination: dest.clone(),
+                    });
+                }
+                None => {
+                    error!(digit = %digit, "DTMF binding names transfer destination {name:?}, which [actions] transfer lacks")
+                }
+            },
+            Some((other, _)) => error!(digit = %digit, "unknown DTMF binding {other:?} (use hangup or transfer:NAME)"),
+            None => {
+                self.dtmf.push(digit);
+                self.dtmf_last = Some(Instant::now());
+                if digit == '#' {
+                    self.flush_dtmf();
+                }
+            }
+        }
+    }
+
+    /// Unbound digits reach the conversation as text, like an utterance.
+    fn flush_dtmf(&mut self) {
+        self.dtmf_last = None;
+        let digits = std::mem::take(&mut self.dtmf);
+        if !digits.is_empty() {
+            self.on_transcript(SttResult {
+                text: format!("[keypad] {digits}"),
+                finish_ms: 0,
+            });
         }
     }
 
     fn on_transcript(&mut self, result: SttResult) {
-        let text = result.text.trim().to_string();
+        let faults = &self.shared.cfg.test_faults;
+        let text = if faults.stt_empty && !result.text.starts_with("[keypad]") {
+            String::new()
+        } else {
+            result.text.trim().to_string()
+        };
         info!(stt_final_ms = result.finish_ms, text = %text, "caller utterance");
-        if text.is_empty() {
-            return;
-        }
         self.shared
             .log
             .write(Entry::now(&self.id, Speaker::Caller, text.clone()));
+        if text.is_empty() {
+            // Nothing usable: ask again, and listen again.
+            self.filler_due = None;
+            let again = self.shared.cfg.call.not_understood.clone();
+            self.play_prompt(&again, "not_understood");
+            return;
+        }
         // A reply still being generated for an earlier utterance is superseded.
-        if let Some(turn) = self.turn.take() {
-            turn.cancel.store(true, Ordering::Relaxed);
-            self.queue.retain(|s| s.turn != turn.id);
-            self.finish_turn(turn, true);
+        if self.turn.is_some() {
+            self.stop_agent(true);
         }
         self.history.push(Message { role: Role::User, text });
-        let turn_id = self.next_turn;
-        self.next_turn += 1;
-        let cancel = Arc::new(AtomicBool::new(false));
         let keep = 1 + 2 * self.shared.cfg.agent.history_turns;
         if self.history.len() > keep {
             self.history.drain(1..self.history.len() - keep + 1);
         }
-        let llm_rx = self.llm.generate(
-            self.history.clone(),
-            self.shared.cfg.agent.max_reply_tokens,
-            cancel.clone(),
-        );
+        let turn_id = self.next_turn;
+        self.next_turn += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
         let t_final = Instant::now();
-        tokio::spawn(reply(
-            self.shared.engines.tts.clone(),
-            llm_rx,
-            self.out_rate,
-            turn_id,
+        let mut sessions = vec![(self.llm.clone(), "main")];
+        if let Some(fb) = self.fallback_session() {
+            sessions.push((fb, "fallback"));
+        }
+        let job = ReplyJob {
+            tts: self.shared.engines.tts.clone(),
+            fallback_tts: self.shared.engines.fallback_tts.clone(),
+            sessions,
+            messages: self.history.clone(),
+            max_tokens: self.shared.cfg.agent.max_reply_tokens,
+            rate: self.out_rate,
+            turn: turn_id,
             t_final,
-            self.reply_tx.clone(),
-            cancel.clone(),
-        ));
+            tx: self.reply_tx.clone(),
+            cancel: cancel.clone(),
+            call: self.shared.cfg.call.clone(),
+            faults: self.shared.cfg.test_faults.clone(),
+            llm_requests: self.llm_requests.clone(),
+        };
+        tokio::spawn(job.run().in_current_span());
         self.turn = Some(Turn {
             id: turn_id,
             cancel,
@@ -460,7 +765,20 @@ impl Call {
             },
             played: Vec::new(),
             full_text: None,
+            audio_queued: false,
         });
+    }
+
+    /// The per-call context of the fallback model, started on first use.
+    fn fallback_session(&mut self) -> Option<Arc<LlmSession>> {
+        if self.fallback_llm.is_none() {
+            let engine = self.shared.engines.fallback_llm.clone()?;
+            match LlmSession::start(engine, &self.id) {
+                Ok(s) => self.fallback_llm = Some(Arc::new(s)),
+                Err(e) => error!("cannot start the fallback LLM: {e:#}"),
+            }
+        }
+        self.fallback_llm.clone()
     }
 
     fn on_reply(&mut self, ev: ReplyEvent) {
@@ -476,11 +794,14 @@ impl Call {
                 rate,
             } if Some(turn) == current => {
                 let t = self.turn.as_mut().unwrap();
-                if t.timings.tts_first_audio_ms.is_none() {
+                if !t.audio_queued {
+                    t.audio_queued = true;
                     t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
+                    self.filler_due = None;
                 }
                 self.queue.push_back(Segment {
                     turn,
+                    kind: SegKind::Reply,
                     rate,
                     samples: Arc::new(samples),
                     pos: 0,
@@ -491,11 +812,19 @@ impl Call {
                 self.turn.as_mut().unwrap().full_text = Some(text);
                 self.maybe_finish_turn();
             }
-            ReplyEvent::Failed { turn, error } if Some(turn) == current => {
-                error!("reply failed: {error}");
-                let t = self.turn.as_mut().unwrap();
-                t.full_text = Some(t.played.join(" "));
-                self.maybe_finish_turn();
+            ReplyEvent::LlmFailed { turn, error } if Some(turn) == current => {
+                error!("no reply from any model: {error}; apologizing and hanging up");
+                self.stop_agent(false);
+                let apology = self.shared.cfg.call.apology.clone();
+                self.play_prompt(&apology, "apology");
+                self.ending = Some(Ending::Hangup("LLM failure".into()));
+            }
+            ReplyEvent::TtsFailed { turn, error } if Some(turn) == current => {
+                error!("speech synthesis failed with every voice: {error}; playing the canned apology and hanging up");
+                self.stop_agent(false);
+                let apology = self.shared.cfg.call.apology.clone();
+                self.play_prompt(&apology, "apology");
+                self.ending = Some(Ending::Hangup("TTS failure".into()));
             }
             _ => {} // an event of a cancelled turn
         }
@@ -503,14 +832,14 @@ impl Call {
 
     fn maybe_finish_turn(&mut self) {
         let Some(turn) = &self.turn else { return };
-        if turn.full_text.is_some() && !self.queue.iter().any(|s| s.turn == turn.id) {
+        if turn.full_text.is_some() && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply) {
             let turn = self.turn.take().unwrap();
             self.finish_turn(turn, false);
         }
     }
 
     /// Logs an agent turn and adds it to the history: the whole reply, or when `interrupted`,
-    /// the sentences the caller heard.
+    /// what the caller heard.
     fn finish_turn(&mut self, turn: Turn, interrupted: bool) {
         let text = if interrupted {
             turn.played.join(" ")
@@ -539,75 +868,166 @@ impl Call {
     }
 }
 
-/// One reply: reads the LLM's tokens, cuts them into sentences and synthesizes each as soon
-/// as it is complete, sending the audio to the call task.
-async fn reply(
+/// One reply: asks the LLM (retrying, then the fallback model), cuts the streamed tokens into
+/// sentences and synthesizes each as soon as it is complete (falling back to the second
+/// voice), sending the audio to the call task.
+struct ReplyJob {
     tts: Arc<TtsEngine>,
-    mut llm_rx: mpsc::UnboundedReceiver<LlmEvent>,
+    fallback_tts: Option<Arc<TtsEngine>>,
+    sessions: Vec<(Arc<LlmSession>, &'static str)>,
+    messages: Vec<Message>,
+    max_tokens: u32,
     rate: AudioRate,
     turn: u64,
     t_final: Instant,
     tx: mpsc::UnboundedSender<ReplyEvent>,
     cancel: Arc<AtomicBool>,
-) {
-    let mut splitter = SentenceSplitter::default();
-    let mut full = String::new();
-    let mut first = true;
-    let speak = |sentence: String| {
-        let tts = tts.clone();
-        let tx = tx.clone();
-        let cancel = cancel.clone();
-        async move {
-            if cancel.load(Ordering::Relaxed) {
-                return;
-            }
-            match tts.synthesize(&sentence, rate.hz()).await {
-                Ok(speech) => {
-                    let _ = tx.send(ReplyEvent::Audio {
-                        turn,
-                        text: sentence,
-                        samples: speech.samples,
-                        rate,
-                    });
+    call: CallConfig,
+    faults: FaultsConfig,
+    llm_requests: Arc<AtomicU32>,
+}
+
+/// How one LLM attempt went.
+enum Attempt {
+    /// The reply was generated (possibly cut short by an error after some words).
+    Spoken,
+    /// Nothing was said: try again.
+    Failed(String),
+    /// Synthesis failed with every voice.
+    TtsFailed(String),
+}
+
+impl ReplyJob {
+    async fn run(self) {
+        let mut last_error = String::from("no model");
+        for (session, model) in &self.sessions {
+            for attempt in 0..=self.call.llm_retries {
+                if self.cancel.load(Ordering::Relaxed) {
+                    return;
                 }
-                Err(e) => error!("TTS failed for {sentence:?}: {e:#}"),
+                match self.attempt(session).await {
+                    Attempt::Spoken => return,
+                    Attempt::TtsFailed(e) => {
+                        let _ = self.tx.send(ReplyEvent::TtsFailed {
+                            turn: self.turn,
+                            error: e,
+                        });
+                        return;
+                    }
+                    Attempt::Failed(e) => {
+                        warn!(model, attempt = attempt + 1, "LLM attempt failed: {e}");
+                        last_error = e;
+                    }
+                }
             }
         }
-    };
-    while let Some(ev) = llm_rx.recv().await {
-        match ev {
-            LlmEvent::Token(t) => {
-                if first {
-                    first = false;
-                    let _ = tx.send(ReplyEvent::FirstToken {
-                        turn,
-                        ms: t_final.elapsed().as_millis() as u64,
+        let _ = self.tx.send(ReplyEvent::LlmFailed {
+            turn: self.turn,
+            error: last_error,
+        });
+    }
+
+    async fn attempt(&self, session: &LlmSession) -> Attempt {
+        let n = self.llm_requests.fetch_add(1, Ordering::Relaxed);
+        if n < self.faults.llm_fail_first {
+            return Attempt::Failed(format!(
+                "injected fault (request {} of {})",
+                n + 1,
+                self.faults.llm_fail_first
+            ));
+        }
+        if self.faults.llm_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.faults.llm_delay_ms)).await;
+        }
+        // Each attempt has its own cancel flag, so a timed-out one stops generating.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rx = session.generate(self.messages.clone(), self.max_tokens, stop.clone());
+        let timeout = Duration::from_millis(self.call.llm_timeout_ms);
+        let mut splitter = SentenceSplitter::default();
+        let mut full = String::new();
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                stop.store(true, Ordering::Relaxed);
+                return Attempt::Spoken;
+            }
+            let ev = match tokio::time::timeout(timeout, rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => LlmEvent::Error("LLM stream ended without a result".into()),
+                Err(_) => {
+                    stop.store(true, Ordering::Relaxed);
+                    LlmEvent::Error(format!("no token within {} ms", timeout.as_millis()))
+                }
+            };
+            match ev {
+                LlmEvent::Token(t) => {
+                    if full.is_empty() {
+                        let ms = self.t_final.elapsed().as_millis() as u64;
+                        let _ = self.tx.send(ReplyEvent::FirstToken { turn: self.turn, ms });
+                    }
+                    full.push_str(&t);
+                    for sentence in splitter.push(&t) {
+                        if let Err(e) = self.speak(sentence).await {
+                            stop.store(true, Ordering::Relaxed);
+                            return Attempt::TtsFailed(e);
+                        }
+                    }
+                }
+                LlmEvent::Done(stats) => {
+                    if let Some(rest) = splitter.finish() {
+                        if let Err(e) = self.speak(rest).await {
+                            return Attempt::TtsFailed(e);
+                        }
+                    }
+                    debug!(?stats, "LLM turn done");
+                    let _ = self.tx.send(ReplyEvent::Done {
+                        turn: self.turn,
+                        text: full.trim().to_string(),
                     });
+                    return Attempt::Spoken;
                 }
-                full.push_str(&t);
-                for sentence in splitter.push(&t) {
-                    speak(sentence).await;
+                LlmEvent::Error(e) if full.trim().is_empty() => return Attempt::Failed(e),
+                LlmEvent::Error(e) => {
+                    // Words were already spoken: finish with what there is rather than repeat.
+                    warn!("LLM failed mid-reply: {e}");
+                    if let Some(rest) = splitter.finish() {
+                        let _ = self.speak(rest).await;
+                    }
+                    let _ = self.tx.send(ReplyEvent::Done {
+                        turn: self.turn,
+                        text: full.trim().to_string(),
+                    });
+                    return Attempt::Spoken;
                 }
-            }
-            LlmEvent::Done(stats) => {
-                if let Some(rest) = splitter.finish() {
-                    speak(rest).await;
-                }
-                debug!(?stats, "LLM turn done");
-                let _ = tx.send(ReplyEvent::Done {
-                    turn,
-                    text: full.trim().to_string(),
-                });
-                return;
-            }
-            LlmEvent::Error(e) => {
-                let _ = tx.send(ReplyEvent::Failed { turn, error: e });
-                return;
             }
         }
     }
-    let _ = tx.send(ReplyEvent::Failed {
-        turn,
-        error: "LLM stream ended without a result".into(),
-    });
+
+    /// Synthesizes one sentence with the main voice, else the fallback voice.
+    async fn speak(&self, sentence: String) -> Result<(), String> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let main = if self.faults.tts_fail {
+            Err(anyhow::anyhow!("injected fault"))
+        } else {
+            self.tts.synthesize(&sentence, self.rate.hz()).await
+        };
+        let speech = match (main, &self.fallback_tts) {
+            (Ok(s), _) => s,
+            (Err(e), Some(fb)) => {
+                warn!("TTS failed ({e:#}); using the fallback voice");
+                fb.synthesize(&sentence, self.rate.hz())
+                    .await
+                    .map_err(|e2| format!("{e:#}; fallback voice: {e2:#}"))?
+            }
+            (Err(e), None) => return Err(format!("{e:#}")),
+        };
+        let _ = self.tx.send(ReplyEvent::Audio {
+            turn: self.turn,
+            text: sentence,
+            samples: speech.samples,
+            rate: self.rate,
+        });
+        Ok(())
+    }
 }

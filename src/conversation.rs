@@ -45,6 +45,9 @@ pub struct Entry {
     /// Agent turns cut short by the caller (barge-in): `text` is what was played.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// Fixed prompts: which one (`filler`, `not_understood`, `apology`, `goodbye`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<&'static str>,
 }
 
 impl Entry {
@@ -57,6 +60,7 @@ impl Entry {
             text,
             timings: None,
             interrupted: false,
+            prompt: None,
         }
     }
 }

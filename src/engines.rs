@@ -20,6 +20,21 @@ pub struct Engines {
     pub llm: Arc<LlmEngine>,
     /// Piper.
     pub tts: Arc<TtsEngine>,
+    /// A second GGUF for when the main one keeps failing (`[call] fallback_llm`).
+    pub fallback_llm: Option<Arc<LlmEngine>>,
+    /// A second Piper voice for when synthesis fails (`[call] fallback_voice`).
+    pub fallback_tts: Option<Arc<TtsEngine>>,
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10) so the threads that pace audio
+/// win the CPU over inference on a loaded machine. Threads it creates afterwards (llama.cpp's
+/// OpenMP pool, ONNX Runtime's) inherit it. Failure is harmless and ignored.
+pub fn lower_thread_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
 }
 
 /// Where each model file is, after the config and the manifest were read.
@@ -137,6 +152,7 @@ impl Engines {
             gain: cfg.tts.gain,
             threads: 1,
         };
+        let (fallback_llm_settings, fallback_tts_settings) = (llm_settings.clone(), tts_settings.clone());
         let (stt, llm, tts) = std::thread::scope(|s| {
             let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
             let llm = s.spawn(|| timed("llm", || LlmEngine::load(&paths.llm, llm_settings)));
@@ -156,16 +172,38 @@ impl Engines {
         let tts = tts
             .map_err(|_| anyhow!("Piper panicked while loading"))?
             .with_context(|| format!("loading Piper voice {}", paths.tts.display()))?;
+        let fallback_llm = match &cfg.call.fallback_llm {
+            Some(p) => {
+                check_readable(p, "fallback GGUF model", false)?;
+                let e = LlmEngine::load(p, fallback_llm_settings)
+                    .with_context(|| format!("loading fallback GGUF {}", p.display()))?;
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
+        let fallback_tts = match &cfg.call.fallback_voice {
+            Some(p) => {
+                check_readable(p, "fallback Piper voice", false)?;
+                let e = TtsEngine::load(p, &paths.onnxruntime, &paths.espeak_data, fallback_tts_settings)
+                    .with_context(|| format!("loading fallback Piper voice {}", p.display()))?;
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
         tracing::info!(
             ms = started.elapsed().as_millis() as u64,
             stt_rate = stt.sample_rate,
             voice_rate = tts.voice_rate_hz,
+            fallback_llm = fallback_llm.is_some(),
+            fallback_voice = fallback_tts.is_some(),
             "models loaded"
         );
         Ok(Engines {
             stt: Arc::new(stt),
             llm: Arc::new(llm),
             tts: Arc::new(tts),
+            fallback_llm,
+            fallback_tts,
         })
     }
 }

@@ -31,12 +31,24 @@ pub async fn run(cfg: Config) -> Result<()> {
         })?;
     let log = ConversationLog::open(&cfg.log.conversation_log)?;
     let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
-    // Synthesize the greeting now so calls start speaking at once.
-    engines
-        .tts
-        .cached(&cfg.agent.greeting, 8000)
-        .await
-        .context("cannot synthesize the greeting")?;
+    // Render the greeting and the fixed prompts now, at the two usual call rates, so calls
+    // start speaking at once and the prompts play even if synthesis later fails.
+    let c = &cfg.call;
+    for text in [
+        &cfg.agent.greeting,
+        &c.filler,
+        &c.not_understood,
+        &c.apology,
+        &c.goodbye,
+    ] {
+        for rate in [8000, 16000] {
+            engines
+                .tts
+                .cached(text, rate)
+                .await
+                .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
+        }
+    }
     let shared = Arc::new(Shared { engines, cfg, log });
     info!(
         addr = %listener.local_addr()?,

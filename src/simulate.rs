@@ -47,6 +47,11 @@ pub struct SimulateArgs {
     /// Longest wait (ms) for the greeting to start.
     #[arg(long, default_value_t = 5000)]
     pub greeting_timeout_ms: u64,
+    /// Barge-in mode: start each utterance this many ms after the agent's greeting or previous
+    /// reply started, instead of waiting for it to finish; the report then gives the stop
+    /// latency (`barge_in_stop_ms`). The last reply is awaited as usual.
+    #[arg(long)]
+    pub barge_in_after_ms: Option<u64>,
     /// Agent frames quieter than this RMS level (dBFS) count as silence; caller frames quieter
     /// than this mark the end of an utterance.
     #[arg(long, default_value_t = -50.0, allow_hyphen_values = true)]
@@ -81,6 +86,10 @@ pub struct TurnReport {
     pub voice_to_voice_ms: Option<f64>,
     /// First to last non-silent agent frame of the reply, ms; `null` when no reply came.
     pub reply_audio_ms: Option<f64>,
+    /// With `--barge-in-after-ms`: from this utterance's first speech frame to the last
+    /// non-silent agent frame before the agent fell silent; `null` when the agent was not
+    /// talking as the utterance started.
+    pub barge_in_stop_ms: Option<f64>,
 }
 
 /// Inter-arrival gaps of agent frames, ms.
@@ -146,6 +155,19 @@ impl Inbox {
     fn last_voiced_ms(&self) -> Option<f64> {
         self.frames.iter().rev().find(|f| f.voiced).map(|f| f.at_ms)
     }
+    /// The last non-silent agent frame in `[from, until)` that is followed by at least 200 ms of
+    /// agent silence (or is the last one before `until`): where the agent stopped.
+    fn last_voiced_in(&self, from: f64, until: f64) -> Option<f64> {
+        let voiced: Vec<f64> = self
+            .frames
+            .iter()
+            .filter(|f| f.voiced && f.at_ms >= from && f.at_ms < until)
+            .map(|f| f.at_ms)
+            .collect();
+        let first_gap = voiced.windows(2).find(|w| w[1] - w[0] > 200.0).map(|w| w[0]);
+        first_gap.or_else(|| voiced.last().copied())
+    }
+
     fn first_voiced_after(&self, t: f64) -> Option<f64> {
         self.frames.iter().find(|f| f.voiced && f.at_ms > t).map(|f| f.at_ms)
     }
@@ -218,34 +240,58 @@ pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
                     let started = ib.first_voiced_after(-1.0);
                     match started {
                         None => now > greeting_deadline.as_secs_f64() * 1000.0,
+                        // Barge-in mode: the first utterance interrupts the greeting.
+                        Some(s) if args.barge_in_after_ms.is_some() => {
+                            now - s >= args.barge_in_after_ms.unwrap() as f64
+                        }
                         Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
                     }
                 },
                 t0,
             )
             .await?;
-        for wav in &args.wavs {
+        // (wav, speech onset, speech end) of each utterance, in ms since the id frame.
+        let mut said = Vec::new();
+        for (i, wav) in args.wavs.iter().enumerate() {
             let samples = read_wav(wav, rate.hz())?;
-            let speech_end = caller.play(&mut writer, &samples, silence_dbfs, t0).await?;
+            let (onset, speech_end) = caller.play(&mut writer, &samples, silence_dbfs, t0).await?;
+            said.push((wav.display().to_string(), onset, speech_end));
             let reply_deadline = speech_end + args.reply_timeout_ms as f64;
+            let barge_in = args
+                .barge_in_after_ms
+                .filter(|_| i + 1 < args.wavs.len())
+                .map(|ms| ms as f64);
             caller
                 .silence_until(
                     &mut writer,
                     &inbox,
                     |ib, now| match ib.first_voiced_after(speech_end) {
                         None => now > reply_deadline || ib.ended.is_some(),
+                        // Barge-in mode: the next utterance starts this long into the reply.
+                        Some(start) if barge_in.is_some() => now - start >= barge_in.unwrap(),
                         Some(_) => ib.last_voiced_ms().is_some_and(|l| now - l > args.reply_end_ms as f64),
                     },
                     t0,
                 )
                 .await?;
-            let ib = inbox.lock().unwrap();
-            let start = ib.first_voiced_after(speech_end);
-            let end = ib.last_voiced_ms();
+        }
+        let ib = inbox.lock().unwrap();
+        for (k, (wav, _onset, speech_end)) in said.iter().enumerate() {
+            // This reply's audio runs until the next utterance ends (a barge-in cuts it before).
+            let until = said.get(k + 1).map_or(f64::INFINITY, |n| n.2);
+            let start = ib.first_voiced_after(*speech_end).filter(|s| *s < until);
+            let end = start.and_then(|s| ib.last_voiced_in(s, until));
+            // Barge-in stop latency: from this utterance's first speech frame to the last agent
+            // frame of the previous reply, when the agent was talking at that moment.
+            let stop = args
+                .barge_in_after_ms
+                .and_then(|_| ib.last_voiced_in(said[k].1 - 20.0, said[k].2))
+                .map(|t| t - said[k].1);
             turns.push(TurnReport {
-                wav: wav.display().to_string(),
+                wav: wav.clone(),
                 voice_to_voice_ms: start.map(|s| s - speech_end),
                 reply_audio_ms: start.zip(end).map(|(s, e)| e - s + 20.0),
+                barge_in_stop_ms: stop,
             });
         }
     }
@@ -285,26 +331,29 @@ impl Pacer {
         }
     }
 
-    /// Streams `samples`; returns the send time (ms since `t0`) of the last frame louder than
-    /// `silence_dbfs`: the end of the caller's speech.
+    /// Streams `samples`; returns the send times (ms since `t0`) of the first and the last
+    /// frame louder than `silence_dbfs`: the start and the end of the caller's speech.
     async fn play<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
         w: &mut connection::FrameWriter<W>,
         samples: &[i16],
         silence_dbfs: f32,
         t0: Instant,
-    ) -> Result<f64> {
+    ) -> Result<(f64, f64)> {
+        let mut onset = None;
         let mut speech_end = t0.elapsed().as_secs_f64() * 1000.0;
         for chunk in samples.chunks(self.rate.samples_per_20ms()) {
             self.tick.tick().await;
+            let now = t0.elapsed().as_secs_f64() * 1000.0;
             w.write_samples(self.rate, chunk)
                 .await
                 .context("the agent closed the call while the caller spoke")?;
             if rms_dbfs(chunk) > silence_dbfs {
-                speech_end = t0.elapsed().as_secs_f64() * 1000.0;
+                onset.get_or_insert(now);
+                speech_end = now;
             }
         }
-        Ok(speech_end)
+        Ok((onset.unwrap_or(speech_end), speech_end))
     }
 
     /// Sends silence frames until `done(inbox, now_ms)` is true or the agent ends the call.

@@ -54,6 +54,7 @@ impl SttEngine {
         std::thread::Builder::new()
             .name(format!("stt-{}", &call_id[..8.min(call_id.len())]))
             .spawn(move || {
+                crate::engines::lower_thread_priority();
                 let mut buf = Vec::with_capacity(640);
                 let mut text = String::new();
                 for cmd in cmd_rx {

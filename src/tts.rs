@@ -89,6 +89,7 @@ impl TtsEngine {
 
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new().name("tts".into()).spawn(move || {
+            crate::engines::lower_thread_priority();
             for job in rx {
                 let started = Instant::now();
                 let result = piper
@@ -130,6 +131,16 @@ impl TtsEngine {
             .map_err(|_| anyhow::anyhow!("TTS thread has stopped"))?;
         rx.await
             .map_err(|_| anyhow::anyhow!("TTS thread dropped the request"))?
+    }
+
+    /// A prompt rendered earlier by [`Self::cached`], without synthesizing: usable when
+    /// synthesis itself is failing.
+    pub fn get_cached(&self, text: &str, rate_hz: u32) -> Option<Arc<Vec<i16>>> {
+        self.greetings
+            .lock()
+            .unwrap()
+            .get(&(text.to_string(), rate_hz))
+            .cloned()
     }
 
     /// A fixed prompt (the greeting) at `rate_hz`, synthesized once and cached.
