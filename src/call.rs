@@ -201,6 +201,9 @@ enum ReplyEvent {
 /// without reaching `[barge_in] confirm_ms`.
 const RESUME_AFTER_SILENCE_MS: u32 = 120;
 
+/// A barge-in is confirmed only if the caller's last voiced frame is at most this old (ms).
+const CONFIRM_MAX_SILENCE_MS: u32 = 60;
+
 /// Milliseconds without another key before unbound DTMF digits go to the conversation.
 const DTMF_FLUSH_MS: u64 = 1500;
 
@@ -614,7 +617,10 @@ impl Call {
             self.ignoring_utterance = true;
             return;
         }
-        if since.elapsed() < Duration::from_millis(self.shared.cfg.barge_in.confirm_ms as u64) {
+        // Confirmed only while the caller is still making sound (not in a trailing pause).
+        if since.elapsed() < Duration::from_millis(self.shared.cfg.barge_in.confirm_ms as u64)
+            || silent_ms > CONFIRM_MAX_SILENCE_MS
+        {
             return;
         }
         self.paused_since = None;

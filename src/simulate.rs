@@ -52,6 +52,10 @@ pub struct SimulateArgs {
     /// latency (`barge_in_stop_ms`). The last reply is awaited as usual.
     #[arg(long)]
     pub barge_in_after_ms: Option<u64>,
+    /// Stay on the line, silent, this many ms after the last reply (or after the greeting
+    /// when no WAV is given), unless the agent ends the call first.
+    #[arg(long, default_value_t = 0)]
+    pub hold_ms: u64,
     /// Agent frames quieter than this RMS level (dBFS) count as silence; caller frames quieter
     /// than this mark the end of an utterance.
     #[arg(long, default_value_t = -50.0, allow_hyphen_values = true)]
@@ -275,6 +279,12 @@ pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
                 )
                 .await?;
         }
+        if args.hold_ms > 0 {
+            let until = t0.elapsed().as_secs_f64() * 1000.0 + args.hold_ms as f64;
+            caller
+                .silence_until(&mut writer, &inbox, |_, now| now >= until, t0)
+                .await?;
+        }
         let ib = inbox.lock().unwrap();
         for (k, (wav, _onset, speech_end)) in said.iter().enumerate() {
             // This reply's audio runs until the next utterance ends (a barge-in cuts it before).
@@ -345,9 +355,9 @@ impl Pacer {
         for chunk in samples.chunks(self.rate.samples_per_20ms()) {
             self.tick.tick().await;
             let now = t0.elapsed().as_secs_f64() * 1000.0;
-            w.write_samples(self.rate, chunk)
-                .await
-                .context("the agent closed the call while the caller spoke")?;
+            if w.write_samples(self.rate, chunk).await.is_err() {
+                break; // the agent ended the call while the caller spoke
+            }
             if rms_dbfs(chunk) > silence_dbfs {
                 onset.get_or_insert(now);
                 speech_end = now;

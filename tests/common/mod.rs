@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_asterisk-voice-agent")
+/// The binary under test: this build's, or `AVA_TEST_BIN` (e.g. an installed package's).
+pub fn bin() -> String {
+    std::env::var("AVA_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_asterisk-voice-agent").to_string())
 }
 
 /// `~/.cache/asterisk-voice-agent` (or `AVA_HOME`): native libs and test models.
