@@ -34,7 +34,6 @@ use crate::directory::{CallDirectory, CallerInfo, Decision};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -111,7 +110,7 @@ pub async fn serve(
                 };
                 let directory = directory.clone();
                 sessions.spawn(
-                    async move { session(stream, peer, &directory).await }
+                    async move { session(stream, &directory).await }
                         .instrument(info_span!("agi", %peer)),
                 );
             }
@@ -426,22 +425,22 @@ fn parse_result(text: &str) -> Option<i64> {
 }
 
 /// One FastAGI session, from the variable block to the close.
-async fn session(stream: TcpStream, peer: SocketAddr, directory: &CallDirectory) {
+async fn session(stream: TcpStream, directory: &CallDirectory) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let req = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut reader)).await {
         Err(_) => {
-            warn!(%peer, "FastAGI session closed: no complete AGI variable block within {HEADER_TIMEOUT:?}");
+            warn!("FastAGI session closed: no complete AGI variable block within {HEADER_TIMEOUT:?}");
             return;
         }
         Ok(Err(SessionEnd::Closed)) => {
-            debug!(%peer, "FastAGI connection closed before sending anything");
+            debug!("FastAGI connection closed before sending anything");
             return;
         }
         Ok(Err(SessionEnd::HungUp)) => return,
         Ok(Err(SessionEnd::Failed(e))) => {
-            warn!(%peer, "FastAGI session closed: bad AGI variable block: {e:#}");
+            warn!("FastAGI session closed: bad AGI variable block: {e:#}");
             return;
         }
         Ok(Ok(req)) => req,
