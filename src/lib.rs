@@ -6,12 +6,14 @@
 //! frames paced by [`call`] back onto the socket. [`server`] accepts connections and runs one
 //! call task each; [`simulate`] is a black-box caller for tests and benchmarks.
 
+pub mod agi;
 pub mod audio;
 pub mod audiosocket;
 pub mod call;
 pub mod cli;
 pub mod config;
 pub mod conversation;
+pub mod directory;
 pub mod engines;
 pub mod llm;
 pub mod models;
