@@ -10,6 +10,7 @@ use crate::audio::{bytes_to_samples, ulaw_to_linear, Encoding, UlawDetector};
 use crate::audiosocket::{AudioRate, ConnectionError, Frame, FrameReader, FrameWriter};
 use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
+use crate::directory::{CallDirectory, Decision};
 use crate::engines::Engines;
 use crate::llm::{LlmEvent, LlmSession, Message, Role};
 use crate::stt::{SttResult, SttStream};
@@ -32,6 +33,9 @@ pub struct Shared {
     pub cfg: Config,
     /// The conversation log.
     pub log: ConversationLog,
+    /// Caller info from the FastAGI step before `AudioSocket()`, and each call's decision for
+    /// the step after it.
+    pub directory: Arc<CallDirectory>,
 }
 
 /// How a call ended.
@@ -62,7 +66,7 @@ where
 {
     let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
     let call_id = match tokio::time::timeout(id_timeout, reader.read_frame()).await {
-        Ok(Ok(Some(Frame::Id(uuid)))) => uuid.to_string(),
+        Ok(Ok(Some(Frame::Id(uuid)))) => uuid,
         Ok(Ok(Some(other))) => {
             return fail(
                 &mut writer,
@@ -87,9 +91,27 @@ where
     };
     let span = tracing::info_span!("call", call_id = %call_id);
     async move {
-        info!("call started");
-        let end = match Call::new(call_id.clone(), shared) {
-            Ok(mut call) => call.run(&mut reader, &mut writer, &mut shutdown).await,
+        match shared.directory.info(call_id) {
+            Some(c) => info!(
+                caller_id = c.caller_id.as_deref().unwrap_or("-"),
+                caller_name = c.caller_name.as_deref().unwrap_or("-"),
+                dnid = c.dnid.as_deref().unwrap_or("-"),
+                language = c.language.as_deref().unwrap_or("-"),
+                channel = c.channel.as_deref().unwrap_or("-"),
+                "call started"
+            ),
+            None => info!("call started (no caller info: no AGI call-start step for this UUID)"),
+        }
+        let directory = shared.directory.clone();
+        let end = match Call::new(call_id.to_string(), shared) {
+            Ok(mut call) => {
+                let end = call.run(&mut reader, &mut writer, &mut shutdown).await;
+                // What the dialplan's AGI call-end step will read.
+                if let Some(decision) = call.decision.take() {
+                    directory.set_decision(call_id, decision);
+                }
+                end
+            }
             Err(e) => CallEnd::Error(format!("cannot start the call's engines: {e:#}")),
         };
         close(&mut writer, &end).await;
@@ -245,6 +267,8 @@ struct Call {
     dtmf: String,
     dtmf_last: Option<Instant>,
     ending: Option<Ending>,
+    /// The decision handed to the dialplan once the call has ended.
+    decision: Option<Decision>,
 }
 
 impl Call {
@@ -297,6 +321,7 @@ impl Call {
             dtmf: String::new(),
             dtmf_last: None,
             ending: None,
+            decision: None,
             id,
             shared,
         })
@@ -362,10 +387,16 @@ impl Call {
             return None;
         }
         match self.ending.take()? {
-            Ending::Hangup(why) => Some(CallEnd::AgentHangup(why)),
+            Ending::Hangup(why) => {
+                info!("decision: hangup");
+                self.decision = Some(Decision::Hangup);
+                Some(CallEnd::AgentHangup(why))
+            }
             Ending::Transfer { name, destination } => {
                 info!(transfer = %name, destination = %destination, "decision: transfer");
-                Some(CallEnd::AgentHangup(format!("transfer to {name}")))
+                let why = format!("transfer to {name}");
+                self.decision = Some(Decision::Transfer { name, destination });
+                Some(CallEnd::AgentHangup(why))
             }
         }
     }

@@ -114,15 +114,18 @@ impl Default for CallConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgiConfig {
-    /// FastAGI listen address (`AGI(agi://127.0.0.1:4573/...)`); none disables it. Default
-    /// `127.0.0.1:4573` (loopback: Asterisk runs on the same host).
-    pub listen: Option<SocketAddr>,
+    /// Run the FastAGI server. Default true.
+    pub enabled: bool,
+    /// FastAGI listen address (`AGI(agi://127.0.0.1:4573/...)`). Default `127.0.0.1:4573`
+    /// (loopback: Asterisk runs on the same host).
+    pub listen: SocketAddr,
 }
 
 impl Default for AgiConfig {
     fn default() -> Self {
         AgiConfig {
-            listen: Some("127.0.0.1:4573".parse().unwrap()),
+            enabled: true,
+            listen: "127.0.0.1:4573".parse().unwrap(),
         }
     }
 }

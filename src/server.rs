@@ -5,6 +5,7 @@ use crate::audiosocket::connection;
 use crate::call::{self, Shared};
 use crate::config::Config;
 use crate::conversation::ConversationLog;
+use crate::directory::{CallDirectory, DEFAULT_TTL};
 use crate::engines::Engines;
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -49,13 +50,39 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
         }
     }
-    let shared = Arc::new(Shared { engines, cfg, log });
+    let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agi = if cfg.agi.enabled {
+        let l = TcpListener::bind(cfg.agi.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?;
+        let mut stop = stop_rx.clone();
+        Some(tokio::spawn(crate::agi::serve(l, directory.clone(), async move {
+            let _ = stop.changed().await;
+        })))
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared {
+        engines,
+        cfg,
+        log,
+        directory,
+    });
     info!(
         addr = %listener.local_addr()?,
         startup_ms = started.elapsed().as_millis() as u64,
         "AudioSocket server ready"
     );
-    serve(listener, shared, shutdown_signal()).await
+    serve(listener, shared, async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
+    if let Some(agi) = agi {
+        let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
+    }
+    Ok(())
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and

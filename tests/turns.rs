@@ -170,7 +170,8 @@ fn noise_and_cough_do_not_barge_in() {
 fn filler_covers_a_slow_reply() {
     let _g = serial();
     let server = Server::start("[test_faults]\nllm_delay_ms = 2500\n");
-    let r = server.simulate(&["--wav", &wav("book_appointment.8k.wav")]);
+    // A caller waits through "One moment." for the reply.
+    let r = server.simulate(&["--wav", &wav("book_appointment.8k.wav"), "--reply-end-ms", "4000"]);
     println!("{r}");
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "call ended", 10);
@@ -195,6 +196,8 @@ fn stt_with_nothing_usable_asks_again() {
         &wav("book_appointment.8k.wav"),
         "--wav",
         &wav("opening_hours.8k.wav"),
+        "--reply-end-ms",
+        "2500",
     ]);
     println!("{r}");
     let id = r["call_id"].as_str().unwrap();
@@ -273,7 +276,7 @@ fn tts_failure_uses_the_fallback_voice_or_canned_prompts() {
         "[call]\nfallback_voice = \"{}\"\n[test_faults]\ntts_fail = true\n",
         voice.display()
     ));
-    let r = server.simulate(&["--wav", &wav("book_appointment.8k.wav")]);
+    let r = server.simulate(&["--wav", &wav("book_appointment.8k.wav"), "--reply-end-ms", "4000"]);
     let id = r["call_id"].as_str().unwrap();
     let lines = server.wait_call_line(id, "call ended", 10);
     assert!(
@@ -357,4 +360,50 @@ fn call_limits_end_politely() {
     assert_eq!(r["ended_by"], "agent_hangup", "{r}");
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "agent hung up (maximum call duration)", 10);
+}
+
+#[test]
+fn agi_hands_caller_info_in_and_the_decision_out() {
+    let _g = serial();
+    let server =
+        Server::start("[actions.transfer]\noperator = \"PJSIP/100\"\n[actions.dtmf]\n\"1\" = \"transfer:operator\"\n");
+    // Before AudioSocket(): the dialplan's call-start step, keyed by the UUID the capture uses.
+    let uuid = "e140b8a6-4847-44f0-a0d1-6e4a8f3df010";
+    let vars = agi_session(&server.agi_addr, "call-start", &[uuid], "5551234", "500");
+    assert_eq!(vars.get("AVA_UUID").map(String::as_str), Some(uuid), "{vars:?}");
+    // The call: the caller presses 1, bound to a transfer to the operator.
+    let cap = capture("asterisk-22.10.1-call.bin");
+    let r = server.simulate(&["--replay", cap.to_str().unwrap()]);
+    assert_eq!(r["call_id"], uuid);
+    assert_eq!(r["ended_by"], "agent_hangup", "{r}");
+    let lines = server.wait_call_line(uuid, "decision: transfer", 10);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("call started") && l.contains("caller_id=5551234") && l.contains("dnid=500")),
+        "{lines:#?}"
+    );
+    // After AudioSocket() returns: the call-end step reads the decision.
+    server.wait_call_line(uuid, "call ended: agent hung up", 10);
+    let vars = agi_session(&server.agi_addr, "call-end", &[uuid], "5551234", "500");
+    assert_eq!(vars.get("AVA_ACTION").map(String::as_str), Some("transfer"), "{vars:?}");
+    assert_eq!(vars.get("AVA_TRANSFER").map(String::as_str), Some("PJSIP/100"));
+    assert_eq!(vars.get("AVA_TRANSFER_NAME").map(String::as_str), Some("operator"));
+    // Without a UUID argument, call-start makes one up for the dialplan to pass on.
+    let vars = agi_session(&server.agi_addr, "call-start", &[], "5551234", "500");
+    assert!(
+        vars.get("AVA_UUID")
+            .and_then(|u| u.parse::<uuid::Uuid>().ok())
+            .is_some(),
+        "{vars:?}"
+    );
+    // A call that just ended by caller hangup leaves the dialplan to continue.
+    let vars = agi_session(
+        &server.agi_addr,
+        "call-end",
+        &[&uuid::Uuid::new_v4().to_string()],
+        "1",
+        "2",
+    );
+    assert_eq!(vars.get("AVA_ACTION").map(String::as_str), Some("continue"));
 }

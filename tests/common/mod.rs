@@ -2,6 +2,7 @@
 //! port, runs the real `simulate`, and reads the service and conversation logs.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -66,9 +67,47 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A free port on 127.0.0.1.
+/// A free port on 127.0.0.1 whose next port is free too (the AudioSocket and FastAGI ports
+/// of a test server).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Plays Asterisk's side of one FastAGI session (`AGI(agi://ADDR/script,args...)`): sends the
+/// `agi_*` block with this caller ID and DNID, answers `200 result=1` to every command and
+/// returns the channel variables the server set.
+pub fn agi_session(addr: &str, script: &str, args: &[&str], caller_id: &str, dnid: &str) -> BTreeMap<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut header = format!(
+        "agi_network: yes\nagi_network_script: {script}\nagi_request: agi://{addr}/{script}\n\
+         agi_channel: PJSIP/{caller_id}-00000001\nagi_language: en\nagi_type: PJSIP\n\
+         agi_uniqueid: 1700000000.1\nagi_version: 22.10.1\nagi_callerid: {caller_id}\n\
+         agi_calleridname: Test Caller\nagi_dnid: {dnid}\nagi_context: voice-agent\n\
+         agi_extension: {dnid}\nagi_priority: 2\nagi_enhanced: 0.0\n"
+    );
+    for (i, a) in args.iter().enumerate() {
+        header.push_str(&format!("agi_arg_{}: {a}\n", i + 1));
+    }
+    header.push('\n');
+    w.write_all(header.as_bytes()).unwrap();
+    let mut vars = BTreeMap::new();
+    for line in BufReader::new(s).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("SET VARIABLE ") {
+            let (name, value) = rest.split_once(' ').unwrap();
+            vars.insert(name.to_string(), value.trim_matches('"').to_string());
+        }
+        w.write_all(b"200 result=1\n").unwrap();
+    }
+    vars
 }
 
 /// The config for the installed test models (read from the manifest); `models_extra` goes
@@ -77,6 +116,9 @@ pub fn test_config_with(port: u16, dir: &Path, models_extra: &str, extra: &str) 
     format!(
         r#"[server]
 audiosocket_listen = "127.0.0.1:{port}"
+
+[agi]
+listen = "127.0.0.1:{agi_port}"
 
 [models]
 dir = "{models}"
@@ -89,6 +131,7 @@ conversation_log = "{log}"
         models = models_dir().display(),
         ort = ava_home().join("lib/libonnxruntime.so.1").display(),
         log = dir.join("conversations.jsonl").display(),
+        agi_port = port + 1,
     )
 }
 
@@ -102,6 +145,8 @@ pub struct Server {
     child: Child,
     /// `127.0.0.1:PORT`.
     pub addr: String,
+    /// The FastAGI address, `127.0.0.1:PORT+1`.
+    pub agi_addr: String,
     /// Temp folder with the config, the service log and the conversation log.
     pub dir: tempfile::TempDir,
 }
@@ -125,6 +170,7 @@ impl Server {
         let mut s = Server {
             child,
             addr: format!("127.0.0.1:{port}"),
+            agi_addr: format!("127.0.0.1:{}", port + 1),
             dir,
         };
         let t = Instant::now();
