@@ -600,6 +600,8 @@ async fn reply(
                 });
                 return;
             }
+            // Sessions started without actions never send one (compile shim; see src/llm.rs).
+            LlmEvent::Action(_) => {}
             LlmEvent::Error(e) => {
                 let _ = tx.send(ReplyEvent::Failed { turn, error: e });
                 return;
