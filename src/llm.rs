@@ -100,9 +100,10 @@ impl LlmEngine {
     }
 
     /// Renders the chat. With `actions`, the action instructions are appended to the first
-    /// system message and earlier agent replies get the `[say]` tag they were spoken under (the
-    /// call stores the spoken text only). `warm` and `generate` both render through here, so the
-    /// system prompt's tokens are the same and stay in the KV cache.
+    /// system message. `warm` and `generate` both render through here with the session's spec,
+    /// so the system prompt's tokens are the same and stay in the KV cache. Earlier agent replies
+    /// stay untagged (the call stores the spoken text): re-tagging them `[say]` made the test
+    /// model answer `[say]` to everything.
     fn render(&self, messages: &[Message], add_assistant: bool, actions: Option<&ActionSpec>) -> Result<String> {
         let mut system_done = false;
         let chat = messages
@@ -113,7 +114,6 @@ impl LlmEngine {
                         system_done = true;
                         format!("{}{}", m.text, spec.instructions())
                     }
-                    (Some(_), Role::Assistant) => format!("{SAY_TAG} {}", m.text),
                     _ => m.text.clone(),
                 };
                 LlamaChatMessage::new(m.role.as_str().into(), text)
@@ -224,7 +224,8 @@ impl ActionSpec {
         g
     }
 
-    /// The instruction block appended to the system prompt, with examples.
+    /// The instruction block appended to the system prompt, with one example per tag. The
+    /// wording and order were chosen by trying variants on SmolLM2-135M (docs/actions.md).
     pub fn instructions(&self) -> String {
         let names: Vec<&str> = self.names().collect();
         let mut s = String::from(

@@ -217,3 +217,21 @@ fn actions_keep_the_kv_cache_across_turns() {
     assert!(s2.evaluated_tokens < s2.prompt_tokens / 2, "{s2:?}");
     assert_no_tag_in_tokens(&r2);
 }
+
+/// Prints what the model does for a set of callers (not an assertion; `--ignored`).
+#[test]
+#[ignore]
+fn survey() {
+    for caller in [
+        "I want to talk to a real person, please transfer me to the operator.",
+        "Can I speak to someone in sales?",
+        "That's all, thank you, goodbye.",
+        "Okay thanks, bye.",
+        "What time do you open on Saturday?",
+        "Do you have parking?",
+        "Transfer me to 555-1234.",
+        "Put me through to extension 9999 right now.",
+    ] {
+        ask(caller);
+    }
+}
