@@ -12,7 +12,7 @@ use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
 use crate::directory::{CallDirectory, Decision};
 use crate::engines::Engines;
-use crate::llm::{LlmEvent, LlmSession, Message, Role};
+use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
 use crate::stt::{SttResult, SttStream};
 use crate::tts::{SentenceSplitter, TtsEngine};
 use crate::vad::{Vad, VadEvent};
@@ -181,6 +181,8 @@ struct Turn {
     full_text: Option<String>,
     /// Audio of this reply has been queued.
     audio_queued: bool,
+    /// What the LLM decided to do once this reply has been spoken.
+    action: Option<Action>,
 }
 
 /// How the call ends once the queued audio has played.
@@ -193,6 +195,11 @@ enum Ending {
 }
 
 enum ReplyEvent {
+    /// The LLM chose an action (before the reply's words).
+    Action {
+        turn: u64,
+        action: Action,
+    },
     FirstToken {
         turn: u64,
         ms: u64,
@@ -277,7 +284,15 @@ impl Call {
         // Caller audio is resampled to the STT rate on the STT thread; until the first audio
         // frame we assume the application's 8 kHz.
         let (stt, stt_rx) = shared.engines.stt.start_stream(&id, 8000)?;
-        let llm = Arc::new(LlmSession::start(shared.engines.llm.clone(), &id)?);
+        let actions = cfg
+            .actions
+            .llm_actions
+            .then(|| Arc::new(ActionSpec::new(cfg.actions.transfer.keys().cloned())));
+        let llm = Arc::new(LlmSession::start_with_actions(
+            shared.engines.llm.clone(),
+            &id,
+            actions,
+        )?);
         let history = vec![
             Message {
                 role: Role::System,
@@ -803,6 +818,7 @@ impl Call {
             played: Vec::new(),
             full_text: None,
             audio_queued: false,
+            action: None,
         });
     }
 
@@ -821,6 +837,10 @@ impl Call {
     fn on_reply(&mut self, ev: ReplyEvent) {
         let current = self.turn.as_ref().map(|t| t.id);
         match ev {
+            ReplyEvent::Action { turn, action } if Some(turn) == current => {
+                info!(?action, "the LLM chose an action");
+                self.turn.as_mut().unwrap().action = Some(action);
+            }
             ReplyEvent::FirstToken { turn, ms } if Some(turn) == current => {
                 self.turn.as_mut().unwrap().timings.llm_first_token_ms = Some(ms);
             }
@@ -902,6 +922,25 @@ impl Call {
         entry.timings = Some(turn.timings);
         entry.interrupted = interrupted;
         self.shared.log.write(entry);
+        // The reply has been heard in full: carry out what the LLM decided. (A reply the caller
+        // interrupted loses its action: the caller wants to go on.)
+        match turn.action.filter(|_| !interrupted) {
+            Some(Action::Hangup) if self.ending.is_none() => {
+                self.ending = Some(Ending::Hangup("the agent said goodbye".into()));
+            }
+            Some(Action::Transfer { name }) if self.ending.is_none() => {
+                match self.shared.cfg.actions.transfer.get(&name) {
+                    Some(dest) => {
+                        self.ending = Some(Ending::Transfer {
+                            name,
+                            destination: dest.clone(),
+                        })
+                    }
+                    None => warn!(transfer = %name, "ignoring a transfer to a destination not in [actions] transfer"),
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -996,6 +1035,12 @@ impl ReplyJob {
                 }
             };
             match ev {
+                LlmEvent::Action(action) => {
+                    let _ = self.tx.send(ReplyEvent::Action {
+                        turn: self.turn,
+                        action,
+                    });
+                }
                 LlmEvent::Token(t) => {
                     if full.is_empty() {
                         let ms = self.t_final.elapsed().as_millis() as u64;

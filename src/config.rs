@@ -131,7 +131,7 @@ impl Default for AgiConfig {
 }
 
 /// `[actions]` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ActionsConfig {
     /// Transfer destinations the agent may choose, by name: `operator = "PJSIP/100"`. The value
@@ -140,6 +140,19 @@ pub struct ActionsConfig {
     /// DTMF digit bindings: `"0" = "transfer:operator"`, `"#" = "hangup"`. Digits with no binding
     /// reach the conversation as text. Default none.
     pub dtmf: std::collections::BTreeMap<String, String>,
+    /// The LLM may end the call (`hangup`, after its goodbye) or transfer it to one of the
+    /// `transfer` names, through grammar-constrained output. Default true.
+    pub llm_actions: bool,
+}
+
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        ActionsConfig {
+            transfer: Default::default(),
+            dtmf: Default::default(),
+            llm_actions: true,
+        }
+    }
 }
 
 /// `[test_faults]` section: inject faults to test the fallbacks. Never set in production.

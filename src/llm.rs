@@ -99,18 +99,37 @@ impl LlmEngine {
         })
     }
 
-    fn render(&self, messages: &[Message], add_assistant: bool) -> Result<String> {
+    /// Renders the chat. With `actions`, the action instructions are appended to the first
+    /// system message. `warm` and `generate` both render through here with the session's spec,
+    /// so the system prompt's tokens are the same and stay in the KV cache. Earlier agent replies
+    /// stay untagged (the call stores the spoken text): re-tagging them `[say]` made the test
+    /// model answer `[say]` to everything.
+    fn render(&self, messages: &[Message], add_assistant: bool, actions: Option<&ActionSpec>) -> Result<String> {
+        let mut system_done = false;
         let chat = messages
             .iter()
-            .map(|m| LlamaChatMessage::new(m.role.as_str().into(), m.text.clone()))
+            .map(|m| {
+                let text = match (actions, m.role) {
+                    (Some(spec), Role::System) if !system_done => {
+                        system_done = true;
+                        format!("{}{}", m.text, spec.instructions())
+                    }
+                    _ => m.text.clone(),
+                };
+                LlamaChatMessage::new(m.role.as_str().into(), text)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.model.apply_chat_template(&self.template, &chat, add_assistant)?)
     }
 }
 
-/// What a turn sends back, in order: tokens, then exactly one `Done` or `Error`.
+/// What a turn sends back, in order: at most one `Action` (only in a session with actions,
+/// before any token), tokens, then exactly one `Done` or `Error`.
 #[derive(Debug, Clone)]
 pub enum LlmEvent {
+    /// The model chose to act on the call; the reply's text (tokens) follows. Tag text is never
+    /// sent as a token.
+    Action(Action),
     /// A piece of generated text (whole UTF-8 characters).
     Token(String),
     /// The turn ended (end of generation, token limit or cancellation).
@@ -132,6 +151,191 @@ pub struct TurnStats {
     pub first_token_ms: Option<u64>,
 }
 
+const SAY_TAG: &str = "[say]";
+const HANGUP_TAG: &str = "[hangup]";
+const TRANSFER_PREFIX: &str = "[transfer:";
+/// A tag longer than this (in bytes) is malformed.
+const MAX_TAG_LEN: usize = 64;
+
+/// An action the model chose for the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// End the call once the reply (a goodbye) has been spoken.
+    Hangup,
+    /// Transfer the call, once the reply has been spoken, to the configured destination of this
+    /// name (always one of [`ActionSpec::transfer_names`]).
+    Transfer {
+        /// The destination's name from `[actions] transfer`.
+        name: String,
+    },
+}
+
+/// What the model may do besides speaking: hang up (always) and transfer to one of the named
+/// destinations. Each reply then starts with one tag, `[say]`, `[hangup]` or
+/// `[transfer:NAME]`, and generation is constrained by a grammar (see [`ActionSpec::grammar`])
+/// that only allows these tags and these names. See docs/actions.md.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActionSpec {
+    /// Transfer destination names (the keys of `[actions] transfer`), e.g. `["operator", "sales"]`.
+    /// Names must be non-empty and may use letters, digits, `_`, `-`, `.` and spaces; others are
+    /// left out with a warning.
+    pub transfer_names: Vec<String>,
+}
+
+impl ActionSpec {
+    /// An action spec with these transfer destinations.
+    pub fn new<S: Into<String>>(transfer_names: impl IntoIterator<Item = S>) -> ActionSpec {
+        ActionSpec {
+            transfer_names: transfer_names.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    fn valid_name(name: &str) -> bool {
+        !name.trim().is_empty()
+            && name.len() <= 32
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    }
+
+    /// The transfer names usable in tags.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.transfer_names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| Self::valid_name(n))
+    }
+
+    /// The GBNF grammar every reply must match: one tag, a space, then speakable text (no line
+    /// breaks, brackets or markup characters).
+    pub fn grammar(&self) -> String {
+        let mut tags = vec![format!("\"{SAY_TAG}\""), format!("\"{HANGUP_TAG}\"")];
+        let names: Vec<String> = self.names().map(|n| format!("\"{n}\"")).collect();
+        if !names.is_empty() {
+            tags.push(format!("\"{TRANSFER_PREFIX}\" dest \"]\""));
+        }
+        let mut g = format!(
+            "root ::= tag \" \" text\ntag ::= {}\ntext ::= [^\\x00-\\x1F\\x7F\\[\\]<>{{}}*#_`|\\\\~^]+\n",
+            tags.join(" | ")
+        );
+        if !names.is_empty() {
+            g.push_str(&format!("dest ::= {}\n", names.join(" | ")));
+        }
+        g
+    }
+
+    /// The instruction block appended to the system prompt, with one example per tag. The
+    /// wording and order were chosen by trying variants on SmolLM2-135M (docs/actions.md).
+    pub fn instructions(&self) -> String {
+        let names: Vec<&str> = self.names().collect();
+        let mut s = String::from(
+            "\n\nStart every reply with exactly one tag, then what you say:\n\
+             [say] to answer the caller.\n\
+             [hangup] when the caller says goodbye or has nothing more; then say a short goodbye.\n",
+        );
+        if let Some(first) = names.first() {
+            s.push_str(&format!(
+                "[transfer:NAME] when the caller asks for a person or to be transferred; NAME is one of: {}. \
+                 Never transfer to any other number, extension or name; offer {} instead.\n",
+                names.join(", "),
+                names.join(" or ")
+            ));
+            s.push_str("Examples:\n");
+            s.push_str(
+                "Caller: What are your opening hours?\nYou: [say] We are open from nine to five, Monday to Friday.\n",
+            );
+            s.push_str(&format!(
+                "Caller: Can you put me through to {first}, please?\nYou: [transfer:{first}] Of course, transferring you to {first} now.\n"
+            ));
+        } else {
+            s.push_str("Examples:\n");
+            s.push_str(
+                "Caller: What are your opening hours?\nYou: [say] We are open from nine to five, Monday to Friday.\n",
+            );
+        }
+        s.push_str("Caller: That's all, thanks. Bye!\nYou: [hangup] You're welcome, goodbye!");
+        s
+    }
+
+    /// Parses a complete tag (`[say]`, `[hangup]`, `[transfer:NAME]`). `Ok(None)` is `[say]`;
+    /// an unknown tag or a name not in the list is an error.
+    pub fn parse_tag(&self, tag: &str) -> std::result::Result<Option<Action>, String> {
+        let tag = tag.trim();
+        if tag == SAY_TAG {
+            return Ok(None);
+        }
+        if tag == HANGUP_TAG {
+            return Ok(Some(Action::Hangup));
+        }
+        if let Some(name) = tag.strip_prefix(TRANSFER_PREFIX).and_then(|t| t.strip_suffix(']')) {
+            return match self.names().find(|n| *n == name) {
+                Some(n) => Ok(Some(Action::Transfer { name: n.to_string() })),
+                None => Err(format!("transfer to {name:?}, which is not a configured destination")),
+            };
+        }
+        Err(format!("unknown action tag {tag:?}"))
+    }
+}
+
+/// Splits a reply's text into its leading tag and the speech after it, as tokens arrive.
+enum TagState {
+    /// Still reading the tag.
+    Tag(String),
+    /// Speech: `trim` while no speech has been sent yet (drops the space after the tag).
+    Speech { trim: bool },
+}
+
+/// What a piece of generated text turned out to be.
+#[derive(Debug, Default, PartialEq)]
+struct Parsed {
+    action: Option<Action>,
+    speech: String,
+}
+
+impl TagState {
+    fn push(&mut self, spec: &ActionSpec, piece: &str) -> Parsed {
+        let mut out = Parsed::default();
+        match self {
+            TagState::Speech { trim } => {
+                let text = if *trim { piece.trim_start() } else { piece };
+                if !text.is_empty() {
+                    *trim = false;
+                    out.speech = text.to_string();
+                }
+            }
+            TagState::Tag(buf) => {
+                buf.push_str(piece);
+                let b = buf.trim_start();
+                if b.is_empty() {
+                    return out;
+                }
+                let (tag, rest) = if !b.starts_with('[') {
+                    tracing::warn!(reply = %b, "the reply has no action tag; speaking it, no action");
+                    ("", b.to_string())
+                } else if let Some(end) = b.find(']') {
+                    (&b[..=end], b[end + 1..].to_string())
+                } else if b.len() > MAX_TAG_LEN {
+                    tracing::warn!(reply = %b, "malformed action tag ignored");
+                    ("", b.trim_start_matches('[').to_string())
+                } else {
+                    return out; // the tag goes on
+                };
+                if !tag.is_empty() {
+                    match spec.parse_tag(tag) {
+                        Ok(action) => out.action = action,
+                        Err(e) => tracing::warn!("malformed action ignored, not executed: {e}"),
+                    }
+                }
+                *self = TagState::Speech { trim: true };
+                let mut more = self.push(spec, &rest);
+                more.action = out.action;
+                return more;
+            }
+        }
+        out
+    }
+}
+
 enum Request {
     /// Evaluate these messages into the KV cache without generating.
     Warm(Vec<Message>),
@@ -149,12 +353,25 @@ pub struct LlmSession {
 }
 
 impl LlmSession {
-    /// Starts a context for one call.
+    /// Starts a context for one call, without actions: replies are plain speech.
     pub fn start(engine: Arc<LlmEngine>, call_id: &str) -> Result<LlmSession> {
+        LlmSession::start_with_actions(engine, call_id, None)
+    }
+
+    /// Starts a context for one call. With `actions`, every reply (from [`LlmSession::warm`]'s
+    /// prompt on) is rendered with the action instructions and generated under the action
+    /// grammar, and a turn may send one [`LlmEvent::Action`] before its tokens. The spec is fixed
+    /// for the session so the system prompt stays the same, and cached, across turns.
+    pub fn start_with_actions(
+        engine: Arc<LlmEngine>,
+        call_id: &str,
+        actions: Option<Arc<ActionSpec>>,
+    ) -> Result<LlmSession> {
         let (tx, rx) = std_mpsc::channel::<Request>();
         let name = format!("llm-{}", &call_id[..8.min(call_id.len())]);
         std::thread::Builder::new().name(name).spawn(move || {
-            if let Err(e) = session_thread(&engine, rx) {
+            crate::engines::lower_thread_priority();
+            if let Err(e) = session_thread(&engine, actions.as_deref(), rx) {
                 tracing::error!("LLM context failed: {e:#}");
             }
         })?;
@@ -188,7 +405,7 @@ impl LlmSession {
     }
 }
 
-fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result<()> {
+fn session_thread(engine: &LlmEngine, actions: Option<&ActionSpec>, rx: std_mpsc::Receiver<Request>) -> Result<()> {
     let s = &engine.settings;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(s.context))
@@ -208,7 +425,7 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
     for req in rx {
         match req {
             Request::Warm(messages) => {
-                let prompt = engine.render(&messages, false)?;
+                let prompt = engine.render(&messages, false, actions)?;
                 let tokens = engine.model.vocab().tokenize(prompt.as_bytes(), true, true);
                 if tokens.len() < n_ctx / 2 {
                     eval_prompt(&mut ctx, &mut batch, &mut cached, &tokens)?;
@@ -223,7 +440,7 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
                 let started = Instant::now();
                 // Drop the oldest exchanges until the prompt and the reply fit the context.
                 let tokens = loop {
-                    let prompt = engine.render(&messages, true)?;
+                    let prompt = engine.render(&messages, true, actions)?;
                     let tokens = engine.model.vocab().tokenize(prompt.as_bytes(), true, true);
                     if tokens.len() + max_tokens as usize + 8 <= n_ctx || messages.len() <= 2 {
                         break tokens;
@@ -245,6 +462,7 @@ fn session_thread(engine: &LlmEngine, rx: std_mpsc::Receiver<Request>) -> Result
                     &mut cached,
                     &tokens,
                     max_tokens,
+                    actions,
                     &cancel,
                     &out,
                     started,
@@ -306,6 +524,7 @@ fn generate(
     cached: &mut Vec<LlamaToken>,
     tokens: &[LlamaToken],
     max_tokens: u32,
+    actions: Option<&ActionSpec>,
     cancel: &AtomicBool,
     out: &mpsc::UnboundedSender<LlmEvent>,
     started: Instant,
@@ -316,17 +535,27 @@ fn generate(
     };
     stats.evaluated_tokens = eval_prompt(ctx, batch, cached, tokens)?;
     let s = &engine.settings;
-    let mut sampler = if s.temperature <= 0.0 {
-        LlamaSampler::greedy()
+    let mut chain = Vec::new();
+    if let Some(spec) = actions {
+        match LlamaSampler::grammar(&engine.model, &spec.grammar(), "root") {
+            Ok(g) => chain.push(g),
+            // Still parsed below: a malformed tag is logged and ignored.
+            Err(e) => tracing::warn!("action grammar rejected ({e}); generating without it"),
+        }
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
     } else {
-        LlamaSampler::chain_simple([
+        chain.extend([
             LlamaSampler::penalties(engine.model.n_vocab(), 64, 1.15, 0.0, 0.0),
             LlamaSampler::top_k(40),
             LlamaSampler::top_p(0.9, 1),
             LlamaSampler::temp(s.temperature),
             LlamaSampler::dist(s.seed),
-        ])
-    };
+        ]);
+    }
+    let mut sampler = LlamaSampler::chain_simple(chain);
+    let mut tag = actions.map(|_| TagState::Tag(String::new()));
     let vocab = engine.model.vocab();
     let mut pending = Vec::<u8>::new();
     let mut logits_idx = batch.n_tokens() - 1;
@@ -348,9 +577,19 @@ fn generate(
             Err(e) => e.valid_up_to(),
         };
         if valid > 0 {
-            let piece = String::from_utf8_lossy(&pending[..valid]).into_owned();
+            let mut piece = String::from_utf8_lossy(&pending[..valid]).into_owned();
             pending.drain(..valid);
-            if out.send(LlmEvent::Token(piece)).is_err() {
+            if let (Some(state), Some(spec)) = (tag.as_mut(), actions) {
+                let parsed = state.push(spec, &piece);
+                if let Some(action) = parsed.action {
+                    tracing::info!(?action, "the model chose an action");
+                    if out.send(LlmEvent::Action(action)).is_err() {
+                        break;
+                    }
+                }
+                piece = parsed.speech;
+            }
+            if !piece.is_empty() && out.send(LlmEvent::Token(piece)).is_err() {
                 break;
             }
         }
@@ -359,6 +598,11 @@ fn generate(
         ctx.decode(batch).context("llama.cpp decode failed")?;
         cached.push(tok);
         logits_idx = 0;
+    }
+    if let Some(TagState::Tag(b)) = &tag {
+        if !b.trim().is_empty() {
+            tracing::warn!(reply = %b, "the reply ended inside its action tag; no action");
+        }
     }
     if stats.generated_tokens == 0 && !cancel.load(Ordering::Relaxed) {
         bail!("the model produced no tokens");
