@@ -93,11 +93,11 @@ where
     async move {
         match shared.directory.info(call_id) {
             Some(c) => info!(
-                caller_id = c.caller_id.as_deref().unwrap_or("-"),
-                caller_name = c.caller_name.as_deref().unwrap_or("-"),
-                dnid = c.dnid.as_deref().unwrap_or("-"),
-                language = c.language.as_deref().unwrap_or("-"),
-                channel = c.channel.as_deref().unwrap_or("-"),
+                caller_id = %c.caller_id.as_deref().unwrap_or("-"),
+                caller_name = %c.caller_name.as_deref().unwrap_or("-"),
+                dnid = %c.dnid.as_deref().unwrap_or("-"),
+                language = %c.language.as_deref().unwrap_or("-"),
+                channel = %c.channel.as_deref().unwrap_or("-"),
                 "call started"
             ),
             None => info!("call started (no caller info: no AGI call-start step for this UUID)"),

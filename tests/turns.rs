@@ -407,3 +407,43 @@ fn agi_hands_caller_info_in_and_the_decision_out() {
     );
     assert_eq!(vars.get("AVA_ACTION").map(String::as_str), Some("continue"));
 }
+
+#[test]
+fn hangup_decided_by_the_llm_is_carried_out() {
+    let _g = serial();
+    // Greedy decoding: the model's choice for this prompt and input is deterministic.
+    let server = Server::start(
+        "[llm]\ntemperature = 0.0\n[agent]\nsystem_prompt = \"You are a phone receptionist. \
+         When the caller uses the keypad, say goodbye and end the call.\"\n\
+         [actions.transfer]\noperator = \"PJSIP/100\"\n",
+    );
+    let cap = capture("asterisk-22.10.1-call.bin");
+    let r = server.simulate(&["--replay", cap.to_str().unwrap()]);
+    println!("{r}");
+    let uuid = r["call_id"].as_str().unwrap();
+    let lines = server.wait_call_line(uuid, "call ended", 15);
+    println!("{lines:#?}");
+    // The keypad input reached the LLM, which chose to hang up after speaking its goodbye.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("the LLM chose an action action=Hangup")),
+        "{lines:#?}"
+    );
+    assert_eq!(r["ended_by"], "agent_hangup", "{r}");
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("agent hung up (the agent said goodbye)")));
+    let said: Vec<Value> = entries(&server, uuid)
+        .into_iter()
+        .filter(|e| e["speaker"] == "agent")
+        .collect();
+    assert!(
+        said.iter()
+            .any(|e| e["interrupted"].is_null() && e["text"].as_str().is_some_and(|t| !t.is_empty())),
+        "{said:?}"
+    );
+    // The dialplan's call-end step learns the decision.
+    let vars = agi_session(&server.agi_addr, "call-end", &[uuid], "100", "500");
+    assert_eq!(vars.get("AVA_ACTION").map(String::as_str), Some("hangup"), "{vars:?}");
+}
