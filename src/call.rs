@@ -378,7 +378,7 @@ impl Call {
                 }
                 self.pre_roll_samples = 0;
                 self.stt.audio(samples);
-                if self.shared.cfg.vad.barge_in {
+                if self.shared.cfg.barge_in.enabled {
                     self.barge_in();
                 }
             }

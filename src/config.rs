@@ -285,34 +285,43 @@ impl Default for TtsConfig {
     }
 }
 
-/// `[vad]` section: an energy detector over 20 ms frames of the caller's audio.
+/// `[vad]` section: voice activity detection on the caller's audio with the earshot neural
+/// detector (16 ms frames at 16 kHz; 8 kHz audio is upsampled) plus an energy floor. It finds
+/// utterance onsets (also the barge-in trigger) and ends (endpointing). docs/vad.md has the
+/// measurements behind the defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VadConfig {
-    /// A 20 ms frame louder than this (RMS, dBFS) counts as speech. Default -40.
-    pub speech_threshold_dbfs: f32,
-    /// Speech must last this long (ms) before an utterance starts (and before it barges in).
-    /// Default 60.
+    /// A 16 ms frame whose earshot score (0..1) is at least this counts as speech. Default 0.5.
+    pub speech_threshold: f32,
+    /// Frames quieter than this (RMS, dBFS) never count as speech, whatever their score
+    /// (earshot normalizes the level away, so it can score faint noise as voice). Default -60.
+    pub energy_floor_dbfs: f32,
+    /// Speech must last this long (ms, consecutive) before an utterance starts (and before it
+    /// barges in). Counted in whole 16 ms frames, so the default
+    /// 60 takes four frames (64 ms).
     pub min_speech_ms: u32,
-    /// Endpointing: the utterance ends after this much non-speech (ms). Default 500.
+    /// Endpointing: the utterance ends after this much non-speech (ms). Default 600.
     pub end_silence_ms: u32,
+    /// An utterance with less voiced time than this (ms, in total) ends as too short (a cough,
+    /// a click, a burst of noise) and its audio should be dropped. Default 200.
+    pub min_utterance_ms: u32,
     /// Audio kept from before speech onset and fed to STT (ms). Default 300.
     pub pre_roll_ms: u32,
     /// An utterance is cut and recognized after this long (ms). Default 15000.
     pub max_utterance_ms: u32,
-    /// Caller speech while the agent speaks stops the agent. Default true.
-    pub barge_in: bool,
 }
 
 impl Default for VadConfig {
     fn default() -> Self {
         VadConfig {
-            speech_threshold_dbfs: -40.0,
+            speech_threshold: 0.5,
+            energy_floor_dbfs: -60.0,
             min_speech_ms: 60,
-            end_silence_ms: 500,
+            end_silence_ms: 600,
+            min_utterance_ms: 200,
             pre_roll_ms: 300,
             max_utterance_ms: 15000,
-            barge_in: true,
         }
     }
 }
