@@ -292,19 +292,24 @@ impl Default for TtsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VadConfig {
-    /// A 16 ms frame whose earshot score (0..1) is at least this counts as speech. Default 0.5.
+    /// A 16 ms frame whose earshot score (0..1) is at least this counts as voice. Default 0.4.
     pub speech_threshold: f32,
     /// Frames quieter than this (RMS, dBFS) never count as speech, whatever their score
-    /// (earshot normalizes the level away, so it can score faint noise as voice). Default -60.
+    /// (earshot normalizes the level away, so it scores near-digital silence as voice). Default -70.
     pub energy_floor_dbfs: f32,
+    /// A voice frame whose periodicity (peak normalized autocorrelation at pitch lags, 0..1) is
+    /// at least this is a vowel. An utterance starts only with a vowel in its first
+    /// `min_speech_ms`, and unvoiced sounds count as speech only within 300 ms of one: noise
+    /// bursts and coughs are not speech. Default 0.5.
+    pub voicing_threshold: f32,
     /// Speech must last this long (ms, consecutive) before an utterance starts (and before it
     /// barges in). Counted in whole 16 ms frames, so the default
     /// 60 takes four frames (64 ms).
     pub min_speech_ms: u32,
     /// Endpointing: the utterance ends after this much non-speech (ms). Default 600.
     pub end_silence_ms: u32,
-    /// An utterance with less voiced time than this (ms, in total) ends as too short (a cough,
-    /// a click, a burst of noise) and its audio should be dropped. Default 200.
+    /// An utterance with less periodic (vowel) time than this (ms, in total) ends as too short
+    /// (a cough, a click, a burst of noise) and its audio should be dropped. Default 100.
     pub min_utterance_ms: u32,
     /// Audio kept from before speech onset and fed to STT (ms). Default 300.
     pub pre_roll_ms: u32,
@@ -315,11 +320,12 @@ pub struct VadConfig {
 impl Default for VadConfig {
     fn default() -> Self {
         VadConfig {
-            speech_threshold: 0.5,
-            energy_floor_dbfs: -60.0,
+            speech_threshold: 0.4,
+            energy_floor_dbfs: -70.0,
+            voicing_threshold: 0.5,
             min_speech_ms: 60,
             end_silence_ms: 600,
-            min_utterance_ms: 200,
+            min_utterance_ms: 100,
             pre_roll_ms: 300,
             max_utterance_ms: 15000,
         }

@@ -52,6 +52,45 @@ pub struct FrameScore {
     pub score: f32,
     /// RMS level of the frame (at 16 kHz), dBFS.
     pub dbfs: f32,
+    /// Periodicity, 0..1: the peak normalized autocorrelation over pitch lags (70..400 Hz) of
+    /// the last 32 ms. Voiced speech (vowels) scores high; noise, coughs and clicks low.
+    pub voicing: f32,
+}
+
+/// Pitch analysis runs at 8 kHz (every second 16 kHz sample, pair-averaged).
+const PITCH_WINDOW: usize = 256;
+const PITCH_MIN_LAG: usize = 20; // 400 Hz at 8 kHz
+const PITCH_MAX_LAG: usize = 115; // about 70 Hz
+
+/// Peak normalized autocorrelation of the last `PITCH_WINDOW` samples of `h` over pitch lags.
+fn voicing(h: &[f32]) -> f32 {
+    let n = h.len();
+    if n < PITCH_WINDOW + PITCH_MAX_LAG {
+        return 0.0;
+    }
+    let a = &h[n - PITCH_WINDOW..];
+    let ea: f32 = a.iter().map(|x| x * x).sum();
+    if ea <= 0.0 {
+        return 0.0;
+    }
+    let mut best = 0.0f32;
+    // energy of the lagged window, updated as the lag grows
+    let mut b_start = n - PITCH_WINDOW - PITCH_MIN_LAG;
+    let mut eb: f32 = h[b_start..b_start + PITCH_WINDOW].iter().map(|x| x * x).sum();
+    for _lag in PITCH_MIN_LAG..=PITCH_MAX_LAG {
+        let b = &h[b_start..b_start + PITCH_WINDOW];
+        let r: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        if eb > 0.0 {
+            best = best.max(r / (ea * eb).sqrt());
+        }
+        if b_start == 0 {
+            break;
+        }
+        b_start -= 1;
+        eb += h[b_start] * h[b_start] - h[b_start + PITCH_WINDOW] * h[b_start + PITCH_WINDOW];
+        eb = eb.max(0.0);
+    }
+    best
 }
 
 /// Resamples any input to 16 kHz and scores it with earshot, one 16 ms frame at a time. The
@@ -63,6 +102,8 @@ pub struct FrameScorer {
     /// 16 kHz samples not yet scored.
     pending: Vec<i16>,
     scratch: Vec<i16>,
+    /// The last `PITCH_WINDOW + PITCH_MAX_LAG` samples at 8 kHz, for [`voicing`].
+    pitch: Vec<f32>,
 }
 
 impl std::fmt::Debug for FrameScorer {
@@ -88,6 +129,7 @@ impl FrameScorer {
             resampler: None,
             pending: Vec::with_capacity(4 * FRAME_SAMPLES),
             scratch: Vec::with_capacity(4 * FRAME_SAMPLES),
+            pitch: Vec::with_capacity(PITCH_WINDOW + PITCH_MAX_LAG + FRAME_SAMPLES),
         }
     }
 
@@ -103,6 +145,7 @@ impl FrameScorer {
                     if self.resampler.is_some() {
                         self.detector.reset();
                         self.pending.clear();
+                        self.pitch.clear();
                     }
                     self.resampler = Some((rate_hz, r));
                 }
@@ -126,8 +169,15 @@ impl FrameScorer {
         let frame = &self.pending[..FRAME_SAMPLES];
         let dbfs = rms_dbfs(frame);
         let score = self.detector.predict_i16(frame);
+        self.pitch
+            .extend(frame.chunks_exact(2).map(|p| (p[0] as f32 + p[1] as f32) * 0.5));
+        let keep = PITCH_WINDOW + PITCH_MAX_LAG;
+        if self.pitch.len() > keep {
+            self.pitch.drain(..self.pitch.len() - keep);
+        }
+        let voicing = voicing(&self.pitch);
         self.pending.drain(..FRAME_SAMPLES);
-        Some(FrameScore { score, dbfs })
+        Some(FrameScore { score, dbfs, voicing })
     }
 
     /// Audio (ms) pushed but not yet scored.
@@ -136,24 +186,46 @@ impl FrameScorer {
     }
 }
 
+/// Non-periodic frames the network calls voice (unvoiced consonants: s, f, p, t, k, h) count as
+/// speech only this long after the last periodic (vowel) frame; so steady noise that earshot
+/// scores as voice cannot hold an utterance open.
+pub const CONSONANT_BRIDGE_MS: u32 = 300;
+
+/// How one 16 ms frame is classed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Silence,
+    /// Voice by score and level, not periodic (a consonant, or noise).
+    Voiced,
+    /// Voice and periodic (a vowel).
+    Periodic,
+}
+
 /// The detector; one per call.
 #[derive(Debug)]
 pub struct Vad {
     scorer: FrameScorer,
     threshold: f32,
     floor_dbfs: f32,
+    voicing_threshold: f32,
     min_speech_ms: u32,
     end_silence_ms: u32,
     min_utterance_ms: u32,
     max_utterance_ms: u32,
     in_speech: bool,
-    /// Consecutive voiced ms before onset.
+    /// Voiced ms in the run before onset, its periodic ms, its length including a tolerated
+    /// one-frame gap, and whether the last frame was that gap.
     run_ms: u32,
+    run_periodic_ms: u32,
+    run_span_ms: u32,
+    run_gap: bool,
+    /// Since the last periodic frame.
+    since_periodic_ms: u32,
     /// Since the utterance's first voiced frame (in speech).
     utterance_ms: u32,
-    /// Voiced ms in the current utterance.
-    voiced_ms: u32,
-    /// Non-speech ms since the last voiced frame (in speech).
+    /// Periodic (vowel) ms in the current utterance.
+    periodic_ms: u32,
+    /// Non-speech ms since the last speech frame (in speech).
     silence_ms: u32,
 }
 
@@ -164,14 +236,19 @@ impl Vad {
             scorer: FrameScorer::new(),
             threshold: cfg.speech_threshold,
             floor_dbfs: cfg.energy_floor_dbfs,
+            voicing_threshold: cfg.voicing_threshold,
             min_speech_ms: cfg.min_speech_ms,
             end_silence_ms: cfg.end_silence_ms,
             min_utterance_ms: cfg.min_utterance_ms,
             max_utterance_ms: cfg.max_utterance_ms,
             in_speech: false,
             run_ms: 0,
+            run_periodic_ms: 0,
+            run_span_ms: 0,
+            run_gap: false,
+            since_periodic_ms: u32::MAX / 2,
             utterance_ms: 0,
-            voiced_ms: 0,
+            periodic_ms: 0,
             silence_ms: 0,
         }
     }
@@ -186,9 +263,39 @@ impl Vad {
         self.silence_ms
     }
 
-    /// Whether a scored frame counts as speech.
-    pub fn is_voiced(&self, f: FrameScore) -> bool {
-        f.score >= self.threshold && f.dbfs >= self.floor_dbfs
+    fn class(&self, f: FrameScore) -> Class {
+        if f.score < self.threshold || f.dbfs < self.floor_dbfs {
+            Class::Silence
+        } else if f.voicing >= self.voicing_threshold {
+            Class::Periodic
+        } else {
+            Class::Voiced
+        }
+    }
+
+    /// Classes a scored frame as speech or not the way endpointing does (voice by score and
+    /// level, and periodic or within [`CONSONANT_BRIDGE_MS`] of a periodic frame), updating the
+    /// bridge state; frames must come in order. For the tuning bench.
+    pub fn frame_is_speech(&mut self, f: FrameScore) -> bool {
+        let c = self.class(f);
+        self.bridge(c)
+    }
+
+    fn bridge(&mut self, c: Class) -> bool {
+        match c {
+            Class::Periodic => {
+                self.since_periodic_ms = 0;
+                true
+            }
+            Class::Voiced => {
+                self.since_periodic_ms = self.since_periodic_ms.saturating_add(FRAME_MS);
+                self.since_periodic_ms <= CONSONANT_BRIDGE_MS
+            }
+            Class::Silence => {
+                self.since_periodic_ms = self.since_periodic_ms.saturating_add(FRAME_MS);
+                false
+            }
+        }
     }
 
     /// Feeds one frame of `samples` at `rate_hz` (any length; normally 20 ms). Returns at most
@@ -196,7 +303,7 @@ impl Vad {
     pub fn push(&mut self, samples: &[i16], rate_hz: u32) -> VadEvent {
         self.scorer.push(samples, rate_hz);
         while let Some(f) = self.scorer.next_frame() {
-            let event = self.step(self.is_voiced(f));
+            let event = self.step(self.class(f));
             if event != VadEvent::None {
                 return event;
             }
@@ -205,34 +312,54 @@ impl Vad {
     }
 
     /// Advances the state machine by one 16 ms frame.
-    fn step(&mut self, voiced: bool) -> VadEvent {
+    fn step(&mut self, c: Class) -> VadEvent {
+        let speech = self.bridge(c);
         if !self.in_speech {
-            if !voiced {
-                self.run_ms = 0;
+            // Onset: min_speech_ms of voice (one 16 ms dropout tolerated) with a periodic frame
+            // in it, so noise bursts and coughs do not start an utterance.
+            if c == Class::Silence {
+                if self.run_ms > 0 && !self.run_gap {
+                    self.run_gap = true;
+                    self.run_span_ms += FRAME_MS;
+                } else {
+                    self.run_ms = 0;
+                    self.run_periodic_ms = 0;
+                    self.run_span_ms = 0;
+                    self.run_gap = false;
+                }
                 return VadEvent::None;
             }
+            self.run_gap = false;
             self.run_ms += FRAME_MS;
-            if self.run_ms < self.min_speech_ms {
+            self.run_span_ms += FRAME_MS;
+            if c == Class::Periodic {
+                self.run_periodic_ms += FRAME_MS;
+            }
+            if self.run_ms < self.min_speech_ms || self.run_periodic_ms == 0 {
                 return VadEvent::None;
             }
             self.in_speech = true;
-            self.utterance_ms = self.run_ms;
-            self.voiced_ms = self.run_ms;
+            self.utterance_ms = self.run_span_ms;
+            self.periodic_ms = self.run_periodic_ms;
             self.silence_ms = 0;
             self.run_ms = 0;
+            self.run_periodic_ms = 0;
+            self.run_span_ms = 0;
             return VadEvent::SpeechStart {
                 onset_ms: self.utterance_ms + self.scorer.pending_ms(),
             };
         }
         self.utterance_ms += FRAME_MS;
-        if voiced {
-            self.voiced_ms += FRAME_MS;
+        if c == Class::Periodic {
+            self.periodic_ms += FRAME_MS;
+        }
+        if speech {
             self.silence_ms = 0;
         } else {
             self.silence_ms += FRAME_MS;
         }
         let reason = if self.silence_ms >= self.end_silence_ms {
-            if self.voiced_ms < self.min_utterance_ms {
+            if self.periodic_ms < self.min_utterance_ms {
                 EndReason::TooShort
             } else {
                 EndReason::Endpoint
@@ -254,8 +381,9 @@ mod tests {
 
     /// Drives the state machine directly with voiced/unvoiced frames.
     fn run(v: &mut Vad, voiced: bool, frames: usize) -> Vec<VadEvent> {
+        let c = if voiced { Class::Periodic } else { Class::Silence };
         (0..frames)
-            .map(|_| v.step(voiced))
+            .map(|_| v.step(c))
             .filter(|e| *e != VadEvent::None)
             .collect()
     }
@@ -271,11 +399,11 @@ mod tests {
         let mut v = Vad::new(&cfg);
         // 48 ms of voice is not an onset
         assert!(run(&mut v, true, 3).is_empty());
-        assert!(run(&mut v, false, 1).is_empty());
+        assert!(run(&mut v, false, 2).is_empty());
         assert!(!v.in_speech());
         // the fourth consecutive voiced frame (64 ms) is
         assert!(run(&mut v, true, 3).is_empty());
-        assert_eq!(v.step(true), VadEvent::SpeechStart { onset_ms: 64 });
+        assert_eq!(v.step(Class::Periodic), VadEvent::SpeechStart { onset_ms: 64 });
         assert!(v.in_speech());
         // a pause shorter than end_silence_ms does not end it
         assert!(run(&mut v, false, 12).is_empty());
@@ -287,6 +415,30 @@ mod tests {
         // 112 ms of voice, then silence: too short
         assert_eq!(run(&mut v, true, 7), vec![VadEvent::SpeechStart { onset_ms: 64 }]);
         assert_eq!(run(&mut v, false, 13), vec![VadEvent::SpeechEnd(EndReason::TooShort)]);
+        // one dropout inside the onset run is tolerated and counted in onset_ms
+        assert!(run(&mut v, true, 2).is_empty());
+        assert!(run(&mut v, false, 1).is_empty());
+        assert!(run(&mut v, true, 1).is_empty());
+        assert_eq!(v.step(Class::Periodic), VadEvent::SpeechStart { onset_ms: 80 });
+    }
+
+    #[test]
+    fn noise_needs_a_vowel() {
+        let mut v = Vad::new(&VadConfig::default());
+        // voice-like but aperiodic frames never start an utterance
+        for _ in 0..100 {
+            assert_eq!(v.step(Class::Voiced), VadEvent::None);
+        }
+        // a vowel does; then aperiodic frames hold it open only for CONSONANT_BRIDGE_MS
+        assert_eq!(v.step(Class::Periodic), VadEvent::SpeechStart { onset_ms: 1616 });
+        let cfg = VadConfig::default();
+        let n = (CONSONANT_BRIDGE_MS + cfg.end_silence_ms).div_ceil(FRAME_MS) as usize;
+        let ev: Vec<_> = (0..n)
+            .map(|_| v.step(Class::Voiced))
+            .filter(|e| *e != VadEvent::None)
+            .collect();
+        // one periodic frame is too short an utterance
+        assert_eq!(ev, vec![VadEvent::SpeechEnd(EndReason::TooShort)]);
     }
 
     #[test]
@@ -297,7 +449,7 @@ mod tests {
             ..Default::default()
         };
         let mut v = Vad::new(&cfg);
-        let events: Vec<_> = (0..150).map(|_| v.step(true)).collect();
+        let events: Vec<_> = (0..150).map(|_| v.step(Class::Periodic)).collect();
         let ends: Vec<_> = events
             .iter()
             .enumerate()
