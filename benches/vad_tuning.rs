@@ -167,11 +167,17 @@ fn main() {
     let all_scores: Vec<Vec<FrameScore>> = clips.iter().map(scores).collect();
     println!("== pauses inside speech (ms): word gaps (< 150 ms), phrase pauses (commas, inside a sentence), sentence ends ==");
     println!("   also: tail = last voiced frame after the true end of the espeak clips (ms, mean), the delay endpointing adds to end_silence_ms");
-    for floor in [-70.0f32, -60.0, -55.0] {
-        for thr in [0.3f32, 0.4, 0.5, 0.6, 0.7] {
+    for floor in [-70.0f32, -60.0] {
+        for thr in [0.3f32, 0.4, 0.5, 0.6] {
+            let c = VadConfig {
+                speech_threshold: thr,
+                energy_floor_dbfs: floor,
+                ..cfg.clone()
+            };
             let (mut words, mut phrases, mut ends, mut espeak, mut tails) = (vec![], vec![], vec![], vec![], vec![]);
             for (clip, sc) in clips.iter().zip(&all_scores) {
-                let voiced: Vec<bool> = sc.iter().map(|f| f.score >= thr && f.dbfs >= floor).collect();
+                let mut v = Vad::new(&c);
+                let voiced: Vec<bool> = sc.iter().map(|f| v.frame_is_speech(*f)).collect();
                 if !clip.human {
                     espeak.extend(pauses(&voiced).into_iter().map(|p| p.1));
                     let (_, b) = speech_span(clip);
@@ -210,10 +216,8 @@ fn main() {
     println!();
     println!("== every pause >= 100 ms at the defaults (start s:ms) ==");
     for (clip, sc) in clips.iter().zip(&all_scores) {
-        let voiced: Vec<bool> = sc
-            .iter()
-            .map(|f| f.score >= cfg.speech_threshold && f.dbfs >= cfg.energy_floor_dbfs)
-            .collect();
+        let mut v = Vad::new(&cfg);
+        let voiced: Vec<bool> = sc.iter().map(|f| v.frame_is_speech(*f)).collect();
         let p: Vec<String> = pauses(&voiced)
             .into_iter()
             .filter(|p| p.1 >= 100)
@@ -229,6 +233,46 @@ fn main() {
         );
     }
     println!();
+
+    // Noise: what earshot and the periodicity gate make of white noise at a speech level.
+    {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let noise: Vec<i16> = (0..8000 * 3)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * 3000.0) as i16
+            })
+            .collect();
+        let sc = scores(&Clip {
+            name: String::new(),
+            rate: 8000,
+            samples: noise,
+            human: false,
+        });
+        let mut s: Vec<f32> = sc.iter().map(|f| f.score).collect();
+        let mut p: Vec<f32> = sc.iter().map(|f| f.voicing).collect();
+        s.sort_by(f32::total_cmp);
+        p.sort_by(f32::total_cmp);
+        let mut sp: Vec<f32> = all_scores
+            .iter()
+            .flatten()
+            .filter(|f| f.score >= cfg.speech_threshold && f.dbfs >= cfg.energy_floor_dbfs)
+            .map(|f| f.voicing)
+            .collect();
+        sp.sort_by(f32::total_cmp);
+        println!(
+            "white noise at -24 dBFS: earshot score p50={:.2} max={:.2}; periodicity p50={:.2} max={:.2}; periodicity of voice frames in speech p25={:.2} p50={:.2}",
+            s[s.len() / 2],
+            s[s.len() - 1],
+            p[p.len() / 2],
+            p[p.len() - 1],
+            sp[sp.len() / 4],
+            sp[sp.len() / 2]
+        );
+        println!();
+    }
 
     // 2. Utterances per file over end_silence_ms.
     println!("== utterances per end_silence_ms (Endpoint+TooShort, no max length; beckett has 6 sentences, two_cities 1 + the start of the next) ==");

@@ -302,11 +302,13 @@ pub struct VadConfig {
     /// `min_speech_ms`, and unvoiced sounds count as speech only within 300 ms of one: noise
     /// bursts and coughs are not speech. Default 0.5.
     pub voicing_threshold: f32,
-    /// Speech must last this long (ms, consecutive) before an utterance starts (and before it
-    /// barges in). Counted in whole 16 ms frames, so the default
-    /// 60 takes four frames (64 ms).
+    /// Voice must last this long (ms; one 16 ms dropout tolerated) before an utterance starts
+    /// (and before it barges in). Counted in whole 16 ms frames: the default 60 takes four
+    /// (64 ms). Default 60.
     pub min_speech_ms: u32,
-    /// Endpointing: the utterance ends after this much non-speech (ms). Default 600.
+    /// Endpointing: the utterance ends after this much non-speech (ms); it adds directly to
+    /// voice-to-voice latency. Default 800 (above the p90 of pauses inside spoken sentences:
+    /// docs/vad.md).
     pub end_silence_ms: u32,
     /// An utterance with less periodic (vowel) time than this (ms, in total) ends as too short
     /// (a cough, a click, a burst of noise) and its audio should be dropped. Default 100.
@@ -324,7 +326,7 @@ impl Default for VadConfig {
             energy_floor_dbfs: -70.0,
             voicing_threshold: 0.5,
             min_speech_ms: 60,
-            end_silence_ms: 600,
+            end_silence_ms: 800,
             min_utterance_ms: 100,
             pre_roll_ms: 300,
             max_utterance_ms: 15000,
