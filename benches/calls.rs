@@ -114,7 +114,10 @@ fn main() {
             pct(&mut v2v, 0.5),
             pct(&mut v2v, 0.95)
         );
-        println!("  of which endpointing silence (vad.end_silence_ms): 500 ms");
+        println!(
+            "  of which endpointing silence (vad.end_silence_ms): {} ms",
+            asterisk_voice_agent::config::VadConfig::default().end_silence_ms
+        );
         println!(
             "  Vosk final decode after the endpoint (stt_final_ms): p50 {:.0} ms, p95 {:.0} ms",
             pct(&mut stt, 0.5),

@@ -633,6 +633,13 @@ impl Call {
             self.stt.discard();
             return;
         }
+        if reason == crate::vad::EndReason::TooShort {
+            // Too little voiced sound to be an utterance: noise, not something to answer.
+            debug!("too short to be speech: discarded");
+            self.stt.discard();
+            self.paused_since = None;
+            return;
+        }
         if let Some(since) = self.paused_since.take() {
             // The sound ended before it was confirmed as a barge-in: a cough, a click.
             info!(

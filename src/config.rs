@@ -301,34 +301,51 @@ impl Default for TtsConfig {
     }
 }
 
-/// `[vad]` section: an energy detector over 20 ms frames of the caller's audio.
+/// `[vad]` section: voice activity detection on the caller's audio with the earshot neural
+/// detector (16 ms frames at 16 kHz; 8 kHz audio is upsampled) plus an energy floor. It finds
+/// utterance onsets (also the barge-in trigger) and ends (endpointing). docs/vad.md has the
+/// measurements behind the defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VadConfig {
-    /// A 20 ms frame louder than this (RMS, dBFS) counts as speech. Default -40.
-    pub speech_threshold_dbfs: f32,
-    /// Speech must last this long (ms) before an utterance starts (and before it barges in).
-    /// Default 60.
+    /// A 16 ms frame whose earshot score (0..1) is at least this counts as voice. Default 0.4.
+    pub speech_threshold: f32,
+    /// Frames quieter than this (RMS, dBFS) never count as speech, whatever their score
+    /// (earshot normalizes the level away, so it scores near-digital silence as voice). Default -70.
+    pub energy_floor_dbfs: f32,
+    /// A voice frame whose periodicity (peak normalized autocorrelation at pitch lags, 0..1) is
+    /// at least this is a vowel. An utterance starts only with a vowel in its first
+    /// `min_speech_ms`, and unvoiced sounds count as speech only within 300 ms of one: noise
+    /// bursts and coughs are not speech. Default 0.5.
+    pub voicing_threshold: f32,
+    /// Voice must last this long (ms; one 16 ms dropout tolerated) before an utterance starts
+    /// (and before it barges in). Counted in whole 16 ms frames: the default 60 takes four
+    /// (64 ms). Default 60.
     pub min_speech_ms: u32,
-    /// Endpointing: the utterance ends after this much non-speech (ms). Default 500.
+    /// Endpointing: the utterance ends after this much non-speech (ms); it adds directly to
+    /// voice-to-voice latency. Default 800 (above the p90 of pauses inside spoken sentences:
+    /// docs/vad.md).
     pub end_silence_ms: u32,
+    /// An utterance with less periodic (vowel) time than this (ms, in total) ends as too short
+    /// (a cough, a click, a burst of noise) and its audio should be dropped. Default 100.
+    pub min_utterance_ms: u32,
     /// Audio kept from before speech onset and fed to STT (ms). Default 300.
     pub pre_roll_ms: u32,
     /// An utterance is cut and recognized after this long (ms). Default 15000.
     pub max_utterance_ms: u32,
-    /// Caller speech while the agent speaks stops the agent. Default true.
-    pub barge_in: bool,
 }
 
 impl Default for VadConfig {
     fn default() -> Self {
         VadConfig {
-            speech_threshold_dbfs: -40.0,
+            speech_threshold: 0.4,
+            energy_floor_dbfs: -70.0,
+            voicing_threshold: 0.5,
             min_speech_ms: 60,
-            end_silence_ms: 500,
+            end_silence_ms: 800,
+            min_utterance_ms: 100,
             pre_roll_ms: 300,
             max_utterance_ms: 15000,
-            barge_in: true,
         }
     }
 }
@@ -398,6 +415,15 @@ mod tests {
         let c = Config::parse("[vad]\nend_silence_ms = 700\n").unwrap();
         assert_eq!(c.vad.end_silence_ms, 700);
         assert_eq!(c.vad.min_speech_ms, 60);
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid_and_complete() {
+        let c = Config::parse(include_str!("../systemd/config.toml")).unwrap();
+        let d = Config::default();
+        assert_eq!(c.vad.end_silence_ms, d.vad.end_silence_ms);
+        assert_eq!(c.call.filler_after_ms, d.call.filler_after_ms);
+        assert_eq!(c.barge_in.confirm_ms, d.barge_in.confirm_ms);
     }
 
     #[test]
