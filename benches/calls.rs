@@ -143,10 +143,42 @@ fn main() {
             pct(&mut p99, 1.0),
             pct(&mut maxgap, 1.0)
         );
+        let fillers = conv.iter().filter(|e| e["prompt"] == "filler").count();
+        println!(
+            "dead air: longest wait for the agent after the caller stopped {:.0} ms; fillers played {fillers} (in {} turns)",
+            pct(&mut v2v, 1.0),
+            v2v.len() + missing
+        );
         println!(
             "serve: start-up {startup} ms, RSS idle {} MB, peak {} MB",
             idle_rss / 1024,
             peak_rss / 1024
+        );
+
+        // Barge-in: callers who talk over the greeting at different moments, one at a time
+        // beside n - 1 ordinary calls, so the figure is taken under the same load.
+        let barge: usize = std::env::var("BENCH_BARGE_IN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6);
+        let mut stops = Vec::new();
+        let wav0 = wavs[0].clone();
+        std::thread::scope(|s| {
+            let load: Vec<_> = (1..n).map(|_| s.spawn(|| server.simulate(&args))).collect();
+            for k in 0..barge {
+                let after = (700 + 150 * k).to_string();
+                let r = server.simulate(&["--wav", &wav0, "--barge-in-after-ms", &after]);
+                if let Some(x) = r["turns"][0]["barge_in_stop_ms"].as_f64() {
+                    stops.push(x);
+                }
+            }
+            load.into_iter().for_each(|h| drop(h.join()));
+        });
+        println!(
+            "barge-in stop latency (caller's first speech frame -> last agent frame), {} of {barge} barge-ins: p50 {:.0} ms, p95 {:.0} ms",
+            stops.len(),
+            pct(&mut stops, 0.5),
+            pct(&mut stops, 0.95)
         );
     }
 }

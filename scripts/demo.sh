@@ -4,10 +4,8 @@
 # and the conversation log.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-"$REPO/scripts/install-deps.sh"
+"$REPO/scripts/setup.sh"
 cd "$REPO"
-cargo build --release --locked
-AVA_BIN="$AVA_BIN" "$REPO/scripts/install-models.sh" "$AVA_MODELS"
 WORK=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$REPO/scripts/test-config.sh" "$PORT" "$WORK" > "$WORK/config.toml"

@@ -592,45 +592,47 @@ async fn unknown_script<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
     cmd.command(&format!("VERBOSE {} 1", quote(&msg))).await.map(|_| ())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Asterisk's `parse_args` (res/res_agi.c), for checking [`quote`] against it.
-    fn asterisk_parse_args(s: &str) -> Vec<String> {
-        let mut args: Vec<String> = Vec::new();
-        let (mut quoted, mut escaped, mut whitespace) = (false, false, true);
-        for c in s.chars() {
-            let literal = match c {
-                '"' if !escaped => {
-                    quoted = !quoted;
-                    if quoted && whitespace {
-                        args.push(String::new());
-                        whitespace = false;
-                    }
-                    None
-                }
-                ' ' | '\t' if !quoted && !escaped => {
-                    whitespace = true;
-                    None
-                }
-                '\\' if !escaped => {
-                    escaped = true;
-                    None
-                }
-                c => Some(c),
-            };
-            if let Some(c) = literal {
-                if whitespace {
+/// Splits an AGI command line into words the way Asterisk does (`parse_args` in
+/// `res/res_agi.c`): words split on space/tab, `"` quotes, `\` escapes. Lets tests (and a
+/// scripted client) check that [`quote`] round-trips.
+pub fn asterisk_parse_args(s: &str) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    let (mut quoted, mut escaped, mut whitespace) = (false, false, true);
+    for c in s.chars() {
+        let literal = match c {
+            '"' if !escaped => {
+                quoted = !quoted;
+                if quoted && whitespace {
                     args.push(String::new());
                     whitespace = false;
                 }
-                args.last_mut().unwrap().push(c);
-                escaped = false;
+                None
             }
+            ' ' | '\t' if !quoted && !escaped => {
+                whitespace = true;
+                None
+            }
+            '\\' if !escaped => {
+                escaped = true;
+                None
+            }
+            c => Some(c),
+        };
+        if let Some(c) = literal {
+            if whitespace {
+                args.push(String::new());
+                whitespace = false;
+            }
+            args.last_mut().unwrap().push(c);
+            escaped = false;
         }
-        args
     }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn agi_quote_round_trips_through_asterisk_parse_args() {

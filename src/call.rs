@@ -878,20 +878,23 @@ impl Call {
             }
             ReplyEvent::LlmFailed { turn, error } if Some(turn) == current => {
                 error!("no reply from any model: {error}; apologizing and hanging up");
-                self.stop_agent(false);
-                let apology = self.shared.cfg.call.apology.clone();
-                self.play_prompt(&apology, "apology");
-                self.ending = Some(Ending::Hangup("LLM failure".into()));
+                self.apologize_and_hang_up("LLM failure");
             }
             ReplyEvent::TtsFailed { turn, error } if Some(turn) == current => {
                 error!("speech synthesis failed with every voice: {error}; playing the canned apology and hanging up");
-                self.stop_agent(false);
-                let apology = self.shared.cfg.call.apology.clone();
-                self.play_prompt(&apology, "apology");
-                self.ending = Some(Ending::Hangup("TTS failure".into()));
+                self.apologize_and_hang_up("TTS failure");
             }
             _ => {} // an event of a cancelled turn
         }
+    }
+
+    /// The canned apology (rendered at start-up, so it plays even when synthesis is broken),
+    /// then a clean hangup.
+    fn apologize_and_hang_up(&mut self, why: &str) {
+        self.stop_agent(false);
+        let apology = self.shared.cfg.call.apology.clone();
+        self.play_prompt(&apology, "apology");
+        self.ending = Some(Ending::Hangup(why.into()));
     }
 
     fn maybe_finish_turn(&mut self) {

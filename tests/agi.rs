@@ -96,42 +96,6 @@ fn asterisk_header(script: &str, args: &[&str]) -> String {
     s
 }
 
-/// Asterisk's `parse_args` (res/res_agi.c): words split on space/tab, `"` quotes, `\` escapes.
-fn parse_args(s: &str) -> Vec<String> {
-    let mut args: Vec<String> = Vec::new();
-    let (mut quoted, mut escaped, mut whitespace) = (false, false, true);
-    for c in s.chars() {
-        let literal = match c {
-            '"' if !escaped => {
-                quoted = !quoted;
-                if quoted && whitespace {
-                    args.push(String::new());
-                    whitespace = false;
-                }
-                None
-            }
-            ' ' | '\t' if !quoted && !escaped => {
-                whitespace = true;
-                None
-            }
-            '\\' if !escaped => {
-                escaped = true;
-                None
-            }
-            c => Some(c),
-        };
-        if let Some(c) = literal {
-            if whitespace {
-                args.push(String::new());
-                whitespace = false;
-            }
-            args.last_mut().unwrap().push(c);
-            escaped = false;
-        }
-    }
-    args
-}
-
 /// What the client saw in one session.
 #[derive(Debug, Default)]
 struct Seen {
@@ -164,7 +128,7 @@ async fn session_with(addr: SocketAddr, header: &str, mut answer: impl FnMut(&[S
         }
         assert!(line.ends_with('\n'), "a command line ends with \\n: {line:?}");
         let line = line.trim_end_matches('\n').to_string();
-        let words = parse_args(&line);
+        let words = asterisk_voice_agent::agi::asterisk_parse_args(&line);
         let reply = answer(&words);
         let last = reply.lines().last().unwrap_or("");
         if last.starts_with("200 result=1") && words.len() >= 4 && words[0] == "SET" && words[1] == "VARIABLE" {

@@ -415,7 +415,7 @@ fn hangup_decided_by_the_llm_is_carried_out() {
     let server = Server::start(
         "[llm]\ntemperature = 0.0\n[agent]\nsystem_prompt = \"You are a phone receptionist. \
          When the caller uses the keypad, say goodbye and end the call.\"\n\
-         [actions.transfer]\noperator = \"PJSIP/100\"\n",
+         [actions]\nllm_actions = true\n[actions.transfer]\noperator = \"PJSIP/100\"\n",
     );
     let cap = capture("asterisk-22.10.1-call.bin");
     let r = server.simulate(&["--replay", cap.to_str().unwrap()]);
