@@ -167,6 +167,8 @@ pub fn config_path(onnx: &Path) -> PathBuf {
 #[derive(Debug, Default)]
 pub struct SentenceSplitter {
     buf: String,
+    /// Pieces returned so far.
+    emitted: usize,
 }
 
 impl SentenceSplitter {
@@ -178,7 +180,10 @@ impl SentenceSplitter {
         self.buf.push_str(text);
         let mut out = Vec::new();
         loop {
-            let cut = sentence_end(&self.buf).or_else(|| {
+            // The reply's first piece may end at a clause comma, so the caller hears
+            // "Of course," while the rest of the sentence is still being generated.
+            let first_clause = if self.emitted == 0 { clause_end(&self.buf) } else { None };
+            let cut = first_clause.or_else(|| sentence_end(&self.buf)).or_else(|| {
                 // Too long without a sentence end: cut at the last space within MAX_CHARS.
                 let limit = self.buf.char_indices().nth(Self::MAX_CHARS).map(|(i, _)| i)?;
                 Some(self.buf[..limit].rfind(' ').filter(|&i| i > 0).unwrap_or(limit))
@@ -188,6 +193,7 @@ impl SentenceSplitter {
             let sentence = std::mem::replace(&mut self.buf, rest);
             if let Some(s) = speakable(&sentence) {
                 out.push(s);
+                self.emitted += 1;
             }
         }
         out
@@ -198,6 +204,20 @@ impl SentenceSplitter {
         speakable(&std::mem::take(&mut self.buf))
     }
 }
+
+/// Byte index just past a comma (followed by white space) that ends a clause of at least
+/// [`MIN_CLAUSE_WORDS`] words, if it comes before any sentence end.
+fn clause_end(s: &str) -> Option<usize> {
+    let limit = sentence_end(s).unwrap_or(s.len());
+    s.match_indices(", ")
+        .map(|(i, _)| i)
+        .take_while(|&i| i < limit)
+        .find(|&i| s[..i].split_whitespace().count() >= MIN_CLAUSE_WORDS)
+        .map(|i| i + 1)
+}
+
+/// Fewest words in a first clause cut at a comma.
+const MIN_CLAUSE_WORDS: usize = 2;
 
 /// Byte index just past the first sentence end (`.`, `!`, `?` followed by white space, or a
 /// newline) in `s`.
@@ -263,6 +283,30 @@ mod tests {
         );
         assert_eq!(s.finish().as_deref(), Some("See you then"));
         assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn first_clause_is_cut_at_a_comma_only_once() {
+        let mut s = SentenceSplitter::default();
+        let mut got = Vec::new();
+        for tok in [
+            "Yes",
+            ",",
+            " of course",
+            ",",
+            " we",
+            " can",
+            ", gladly",
+            ". Then",
+            ", later",
+            ".",
+        ] {
+            got.extend(s.push(tok));
+        }
+        got.extend(s.finish());
+        // "Yes," is one word: no cut there; "Yes, of course," is the first clause; then whole
+        // sentences only.
+        assert_eq!(got, vec!["Yes, of course,", "we can, gladly.", "Then, later."]);
     }
 
     #[test]
