@@ -46,15 +46,20 @@ impl SttEngine {
         call_id: &str,
         call_rate_hz: u32,
     ) -> Result<(SttStream, mpsc::UnboundedReceiver<SttResult>)> {
-        let mut rec = vosk::Recognizer::new(&self.model, self.sample_rate as f32)
-            .context("libvosk could not create a recognizer")?;
         let mut resampler = StreamResampler::new(call_rate_hz, self.sample_rate, 20)?;
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
+        let (model, rate) = (self.model.clone(), self.sample_rate as f32);
         std::thread::Builder::new()
             .name(format!("stt-{}", &call_id[..8.min(call_id.len())]))
             .spawn(move || {
                 crate::engines::lower_thread_priority();
+                // Created here, not on the caller's (async) thread: with a large model this
+                // takes tens of ms, which would stall other calls' audio pacing.
+                let Some(mut rec) = vosk::Recognizer::new(&model, rate) else {
+                    tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
+                    return;
+                };
                 let mut buf = Vec::with_capacity(640);
                 let mut text = String::new();
                 for cmd in cmd_rx {
