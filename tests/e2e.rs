@@ -234,19 +234,26 @@ fn bad_input_ends_only_that_call() {
     });
 }
 
+/// Writes `config` to `dir/name`, runs `serve --config` on it, checks that it fails at
+/// start-up and returns what it printed on stderr.
+fn serve_fails(dir: &std::path::Path, name: &str, config: String) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started with {name}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn serve_refuses_to_start_without_a_model() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.gguf");
     let cfg = test_config_with(free_port(), dir.path(), &format!("llm = \"{}\"", missing.display()), "");
-    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("c.toml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = serve_fails(dir.path(), "c.toml", cfg);
     assert!(
         err.contains(&missing.display().to_string()) && err.contains("model-setup"),
         "{err}"
@@ -254,18 +261,11 @@ fn serve_refuses_to_start_without_a_model() {
 
     // No manifest and no paths: the message names the manifest and the command.
     let empty = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("c2.toml"),
+    let err = serve_fails(
+        dir.path(),
+        "c2.toml",
         format!("[models]\ndir = \"{}\"\n", empty.path().display()),
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("c2.toml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
     assert!(err.contains("manifest.json") && err.contains("model-setup"), "{err}");
 }
 
@@ -273,13 +273,6 @@ fn serve_refuses_to_start_without_a_model() {
 fn serve_rejects_unknown_config_keys() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = test_config(free_port(), dir.path(), "[vad]\nend_silense_ms = 600\n");
-    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(dir.path().join("c.toml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = serve_fails(dir.path(), "c.toml", cfg);
     assert!(err.contains("end_silense_ms") && err.contains("c.toml"), "{err}");
 }
