@@ -7,6 +7,9 @@ cat <<CFG
 [server]
 audiosocket_listen = "127.0.0.1:$PORT"
 
+[agi]
+listen = "127.0.0.1:$((PORT + 1))"
+
 [models]
 dir = "$AVA_MODELS"
 
