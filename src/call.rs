@@ -71,12 +71,11 @@ where
             return fail(
                 &mut writer,
                 format!("first frame was {other}, not an id frame: ending the connection"),
-                "-",
             )
             .await
         }
-        Ok(Ok(None)) => return fail(&mut writer, "connection closed before an id frame".into(), "-").await,
-        Ok(Err(e)) => return fail(&mut writer, format!("bad first frame: {e}"), "-").await,
+        Ok(Ok(None)) => return fail(&mut writer, "connection closed before an id frame".into()).await,
+        Ok(Err(e)) => return fail(&mut writer, format!("bad first frame: {e}")).await,
         Err(_) => {
             return fail(
                 &mut writer,
@@ -84,7 +83,6 @@ where
                     "no id frame within {} ms: ending the connection",
                     id_timeout.as_millis()
                 ),
-                "-",
             )
             .await
         }
@@ -140,8 +138,8 @@ async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd
     }
 }
 
-async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String, call_id: &str) -> CallEnd {
-    error!(call_id, "{msg}");
+async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String) -> CallEnd {
+    error!("{msg}");
     let _ = writer.hangup().await;
     CallEnd::Error(msg)
 }
@@ -709,8 +707,7 @@ impl Call {
         }
         if let Some(mut turn) = self.turn.take() {
             turn.cancel.store(true, Ordering::Relaxed);
-            if let Some((id, words)) = partial.filter(|(id, _)| *id == turn.id) {
-                let _ = id;
+            if let Some((_, words)) = partial.filter(|(id, _)| *id == turn.id) {
                 turn.played.push(words);
             }
             self.finish_turn(turn, interrupted);

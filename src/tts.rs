@@ -41,7 +41,7 @@ struct Job {
 /// A loaded Piper voice behind one synthesis thread. Requests from all calls queue there; at
 /// a real-time factor of about 0.05 a sentence takes 0.1-0.2 s, so the queue stays short.
 pub struct TtsEngine {
-    tx: Mutex<std_mpsc::Sender<Job>>,
+    tx: std_mpsc::Sender<Job>,
     /// The voice's native sample rate in Hz (22050 for the medium voices).
     pub voice_rate_hz: u32,
     /// The `.onnx` file.
@@ -108,7 +108,7 @@ impl TtsEngine {
             }
         })?;
         Ok(TtsEngine {
-            tx: Mutex::new(tx),
+            tx,
             voice_rate_hz,
             path: onnx.to_path_buf(),
             greetings: Mutex::default(),
@@ -125,8 +125,6 @@ impl TtsEngine {
             reply,
         };
         self.tx
-            .lock()
-            .unwrap()
             .send(job)
             .map_err(|_| anyhow::anyhow!("TTS thread has stopped"))?;
         rx.await

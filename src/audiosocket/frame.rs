@@ -3,7 +3,7 @@
 //! Wire format (Asterisk `include/asterisk/res_audiosocket.h`, `res/res_audiosocket.c`):
 //! every message is `kind: u8`, `length: u16` big-endian, then `length` payload bytes.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::fmt;
 use uuid::Uuid;
 
@@ -127,7 +127,7 @@ pub enum Frame {
     Dtmf(char),
     /// Audio (0x10..=0x18): the raw payload bytes, normally slin (s16le); may be any length,
     /// including odd ones (Asterisk 22 sends 72..448-byte frames at the end of a playback).
-    Audio { rate: AudioRate, payload: Vec<u8> },
+    Audio { rate: AudioRate, payload: Bytes },
     /// Error (0xff) with its optional code byte.
     Error(Option<u8>),
 }
@@ -198,9 +198,10 @@ impl Frame {
                 _ => return Err(FrameError::BadDtmf(payload.to_vec())),
             },
             Kind::Audio(_) if len == 0 => return Err(FrameError::EmptyAudio),
+            // A slice of the read buffer: no copy per 20 ms frame.
             Kind::Audio(rate) => Frame::Audio {
                 rate,
-                payload: payload.to_vec(),
+                payload: payload.freeze(),
             },
             Kind::Error => Frame::Error(payload.first().copied()),
         };
@@ -303,11 +304,11 @@ mod tests {
         roundtrip(Frame::Dtmf('#'));
         roundtrip(Frame::Audio {
             rate: AudioRate::Slin16,
-            payload: vec![1; 640],
+            payload: vec![1; 640].into(),
         });
         roundtrip(Frame::Audio {
             rate: AudioRate::Slin8,
-            payload: vec![7; 321],
+            payload: vec![7; 321].into(),
         });
         roundtrip(Frame::Error(Some(2)));
         roundtrip(Frame::Error(None));
@@ -318,7 +319,7 @@ mod tests {
         let mut whole = BytesMut::new();
         Frame::Audio {
             rate: AudioRate::Slin8,
-            payload: vec![3; 320],
+            payload: vec![3; 320].into(),
         }
         .encode(&mut whole);
         for cut in [0, 1, 2, 3, 100, 322] {
