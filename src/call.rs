@@ -12,6 +12,7 @@ use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
 use crate::directory::{CallDirectory, Decision};
 use crate::engines::Engines;
+use crate::events::{CallEventKind, CallState, CallerInfo, EventBus};
 use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
 use crate::stt::{SttResult, SttStream};
 use crate::tts::{SentenceSplitter, TtsEngine};
@@ -36,6 +37,8 @@ pub struct Shared {
     /// Caller info from the FastAGI step before `AudioSocket()`, and each call's decision for
     /// the step after it.
     pub directory: Arc<CallDirectory>,
+    /// Live call events for the admin's page and the console.
+    pub events: EventBus,
 }
 
 /// How a call ended.
@@ -48,6 +51,30 @@ pub enum CallEnd {
     /// A protocol or socket error ended this call; the text says what.
     Error(String),
 }
+
+impl CallEnd {
+    /// A short label for metrics and live views: `caller_hangup`, `agent_hangup`, `shutdown`
+    /// or `error`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            CallEnd::CallerHangup => "caller_hangup",
+            CallEnd::AgentHangup(why) if why == SHUTDOWN => "shutdown",
+            CallEnd::AgentHangup(_) => "agent_hangup",
+            CallEnd::Error(_) => "error",
+        }
+    }
+
+    /// The human-readable detail: why the agent hung up, or which error.
+    pub fn detail(&self) -> &str {
+        match self {
+            CallEnd::CallerHangup => "",
+            CallEnd::AgentHangup(why) | CallEnd::Error(why) => why,
+        }
+    }
+}
+
+/// The [`CallEnd::AgentHangup`] reason of calls hung up because the server stops.
+pub const SHUTDOWN: &str = "server shutting down";
 
 /// The pacing period: one AudioSocket frame per 20 ms.
 pub const FRAME_MS: u64 = 20;
@@ -89,7 +116,20 @@ where
     };
     let span = tracing::info_span!("call", call_id = %call_id);
     async move {
-        match shared.directory.info(call_id) {
+        let info = shared.directory.info(call_id);
+        let caller = info
+            .as_ref()
+            .map(|c| CallerInfo {
+                caller_id: c.caller_id.clone(),
+                caller_name: c.caller_name.clone(),
+                dnid: c.dnid.clone(),
+                channel: c.channel.clone(),
+            })
+            .unwrap_or_default();
+        let events = shared.events.clone();
+        let id = call_id.to_string();
+        events.emit(&id, CallEventKind::Started { caller });
+        match info {
             Some(c) => info!(
                 caller_id = %c.caller_id.as_deref().unwrap_or("-"),
                 caller_name = %c.caller_name.as_deref().unwrap_or("-"),
@@ -113,6 +153,13 @@ where
             Err(e) => CallEnd::Error(format!("cannot start the call's engines: {e:#}")),
         };
         close(&mut writer, &end).await;
+        events.emit(
+            &id,
+            CallEventKind::Ended {
+                reason: end.label(),
+                detail: end.detail().to_string(),
+            },
+        );
         end
     }
     .instrument(span)
@@ -274,6 +321,8 @@ struct Call {
     ending: Option<Ending>,
     /// The decision handed to the dialplan once the call has ended.
     decision: Option<Decision>,
+    /// What the agent is doing, as last published on the event bus.
+    state: CallState,
 }
 
 impl Call {
@@ -335,6 +384,7 @@ impl Call {
             dtmf_last: None,
             ending: None,
             decision: None,
+            state: CallState::Listening,
             id,
             shared,
         })
@@ -375,6 +425,7 @@ impl Call {
                     if let Err(e) = writer.write_samples(rate, &frame_buf).await {
                         return CallEnd::Error(format!("cannot write to Asterisk: {e}"));
                     }
+                    self.publish_state();
                     if let Some(end) = self.ended() {
                         return end;
                     }
@@ -389,9 +440,34 @@ impl Call {
                 },
                 Some(result) = self.stt_rx.recv() => self.on_transcript(result),
                 Some(ev) = self.reply_rx.recv() => self.on_reply(ev),
-                _ = shutdown.changed() => return CallEnd::AgentHangup("server shutting down".into()),
+                _ = shutdown.changed() => return CallEnd::AgentHangup(SHUTDOWN.into()),
             }
         }
+    }
+
+    /// Publishes the agent's state on the event bus when it changed.
+    fn publish_state(&mut self) {
+        let state = if self.ending.is_some() {
+            CallState::Ending
+        } else if !self.queue.is_empty() && self.paused_since.is_none() {
+            CallState::Speaking
+        } else if self.turn.is_some() {
+            CallState::Thinking
+        } else {
+            CallState::Listening
+        };
+        if state != self.state {
+            self.state = state;
+            self.shared.events.emit(&self.id, CallEventKind::State { state });
+        }
+    }
+
+    /// Writes an utterance to the conversation log and publishes it on the event bus.
+    fn record(&self, entry: Entry) {
+        self.shared
+            .events
+            .emit(&self.id, CallEventKind::Utterance { entry: entry.clone() });
+        self.shared.log.write(entry);
     }
 
     /// The call is over once a decided ending's audio has played out.
@@ -428,6 +504,11 @@ impl Call {
         };
         if self.agent_started.is_none() {
             self.agent_started = Some(Instant::now());
+        }
+        if seg.pos == 0 && seg.kind == SegKind::Reply {
+            let text = seg.text.clone();
+            // Disjoint fields: `seg` borrows the queue only.
+            self.shared.events.emit(&self.id, CallEventKind::AgentSentence { text });
         }
         let rate = seg.rate;
         let n = rate.samples_per_20ms();
@@ -517,7 +598,7 @@ impl Call {
         }
         let mut entry = Entry::now(&self.id, Speaker::Agent, text.to_string());
         entry.prompt = Some(what);
-        self.shared.log.write(entry);
+        self.record(entry);
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), CallEnd> {
@@ -768,9 +849,7 @@ impl Call {
             result.text.trim().to_string()
         };
         info!(stt_final_ms = result.finish_ms, text = %text, "caller utterance");
-        self.shared
-            .log
-            .write(Entry::now(&self.id, Speaker::Caller, text.clone()));
+        self.record(Entry::now(&self.id, Speaker::Caller, text.clone()));
         if text.is_empty() {
             // Nothing usable: ask again, and listen again.
             self.filler_due = None;
@@ -928,7 +1007,7 @@ impl Call {
         let mut entry = Entry::now(&self.id, Speaker::Agent, text);
         entry.timings = Some(turn.timings);
         entry.interrupted = interrupted;
-        self.shared.log.write(entry);
+        self.record(entry);
         // The reply has been heard in full: carry out what the LLM decided. (A reply the caller
         // interrupted loses its action: the caller wants to go on.)
         match turn.action.filter(|_| !interrupted) {

@@ -15,6 +15,7 @@ pub mod config;
 pub mod conversation;
 pub mod directory;
 pub mod engines;
+pub mod events;
 pub mod llm;
 pub mod models;
 pub mod server;

@@ -68,6 +68,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg,
         log,
         directory,
+        events: crate::events::EventBus::new(),
     });
     info!(
         addr = %listener.local_addr()?,
