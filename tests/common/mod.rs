@@ -154,6 +154,11 @@ pub struct Server {
 impl Server {
     /// Starts `serve` with the test models and waits until it is ready.
     pub fn start(extra_config: &str) -> Server {
+        Server::start_with_log(extra_config, "info,ort=warn")
+    }
+
+    /// [`Server::start`] with the service log filter `AVA_LOG` (e.g. to see DEBUG lines).
+    pub fn start_with_log(extra_config: &str, filter: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
@@ -162,7 +167,7 @@ impl Server {
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&cfg)
-            .env("AVA_LOG", "info,ort=warn")
+            .env("AVA_LOG", filter)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -186,6 +191,22 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         s
+    }
+
+    /// Waits (at most `secs`) for the process to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "serve still running {secs} s later:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's process id.
