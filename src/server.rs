@@ -26,7 +26,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
     // Reserve the ports now, so a busy port fails at once, but listen only once the models and
     // prompts are ready: until then a connection is refused and the dialplan can route around.
-    let reserved = reserve(cfg.server.audiosocket_listen).with_context(|| {
+    let reserved = reserve(cfg.server.audiosocket_listen, Some(SEND_BUFFER)).with_context(|| {
         format!(
             "cannot listen on {} (server.audiosocket_listen)",
             cfg.server.audiosocket_listen
@@ -34,7 +34,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     let agi_reserved = match cfg.agi.enabled {
         true => Some(
-            reserve(cfg.agi.listen).with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?,
+            reserve(cfg.agi.listen, None).with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?,
         ),
         false => None,
     };
@@ -138,15 +138,25 @@ async fn wait_for_workers() {
 /// generated stops at its next token; Vosk finishes its queued audio, at most a few seconds).
 const WORKER_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The kernel send buffer of each AudioSocket connection, in bytes (Linux doubles it): a paced
+/// 20 ms stream needs only a few frames of it, and a fixed size (no autotuning up to MiBs)
+/// makes a peer that stops reading block our writes within seconds, so the write deadline
+/// (`server.write_timeout_ms`) ends its call, and bounds the kernel memory per call.
+const SEND_BUFFER: u32 = 32 * 1024;
+
 /// Binds a socket to `addr` without listening: the port is taken (a second server fails at
-/// once) but connections are refused until [`tokio::net::TcpSocket::listen`].
-fn reserve(addr: std::net::SocketAddr) -> std::io::Result<TcpSocket> {
+/// once) but connections are refused until [`tokio::net::TcpSocket::listen`]. Accepted
+/// connections inherit `send_buffer` (bytes) when given.
+fn reserve(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if let Some(size) = send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
     socket.bind(addr)?;
     Ok(socket)
 }

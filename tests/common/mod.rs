@@ -135,6 +135,38 @@ conversation_log = "{log}"
     )
 }
 
+/// Appends the TOML `extra` to `base`, moving the keys of a `[section]` that `base` already has
+/// (e.g. `[server]`, `[agi]`) under that section's header, since TOML forbids opening it twice.
+pub fn merge_sections(base: &str, extra: &str) -> String {
+    let mut out = base.to_string();
+    let mut rest = String::new();
+    let mut target: Option<String> = None;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            target = Some(t.to_string()).filter(|h| out.lines().any(|l| l.trim() == h));
+            if target.is_none() {
+                rest.push_str(line);
+                rest.push('\n');
+            }
+            continue;
+        }
+        match &target {
+            Some(h) => {
+                let at = out.find(&format!("{h}\n")).unwrap() + h.len() + 1;
+                out.insert_str(at, &format!("{line}\n"));
+            }
+            None => {
+                rest.push_str(line);
+                rest.push('\n');
+            }
+        }
+    }
+    out.push('\n');
+    out.push_str(&rest);
+    out
+}
+
 /// [`test_config_with`] with nothing extra under `[models]`.
 pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
     test_config_with(port, dir, "", extra)
@@ -162,7 +194,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, test_config(port, dir.path(), extra_config)).unwrap();
+        std::fs::write(&cfg, merge_sections(&test_config(port, dir.path(), ""), extra_config)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
