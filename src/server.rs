@@ -34,7 +34,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     let agi_reserved = match cfg.agi.enabled {
         true => Some(
-            reserve(cfg.agi.listen, None).with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?,
+            reserve(cfg.agi.listen, None)
+                .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?,
         ),
         false => None,
     };

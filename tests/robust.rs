@@ -493,8 +493,6 @@ fn nothing_is_lost_and_no_dead_air() {
     );
 
     // A caller hangs up while the reply plays: the reply is logged, interrupted, with what was played.
-    let (rate, samples) = read_wav(&audio("opening_hours.8k.wav"));
-    assert_eq!(rate, 8000);
     let hid = uuid::Uuid::new_v4();
     let mut c = connect(&addr);
     c.write_all(&id_frame(hid)).unwrap();
@@ -540,11 +538,8 @@ fn nothing_is_lost_and_no_dead_air() {
         }
         pace(&mut c, &frame_silence);
     }
-    for chunk in samples.chunks(160) {
-        let mut f = chunk.to_vec();
-        f.resize(160, 0);
-        pace(&mut c, &audio_frame(0x10, &f));
-    }
+    // The question as keypad digits: no dependence on what Vosk makes of it on a loaded machine.
+    c.write_all(&[0x03, 0x00, 0x01, b'5', 0x03, 0x00, 0x01, b'#']).unwrap();
     while rx.try_recv().is_ok() {}
     let mut reply_started = None;
     let t = Instant::now();
@@ -562,12 +557,22 @@ fn nothing_is_lost_and_no_dead_air() {
     c.shutdown(std::net::Shutdown::Both).unwrap();
     drop(rx);
     let _ = reader.join();
-    wait_until(10, "the cut reply in the conversation log", || {
+    let cut_logged = || {
         server
             .conversation()
             .iter()
             .any(|e| e["call_id"] == hid.to_string() && e["speaker"] == "agent" && e["interrupted"] == true)
-    });
+    };
+    let t = Instant::now();
+    while !cut_logged() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no interrupted reply logged:\n{:#?}\n{}",
+            server.conversation(),
+            server.call_lines(&hid.to_string()).join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let cut = server
         .conversation()
         .into_iter()
