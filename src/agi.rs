@@ -31,6 +31,7 @@
 //! [`MAX_LINE`] bytes, non-UTF-8, garbage) is logged and closed without touching the others.
 
 use crate::directory::{CallDirectory, CallerInfo, Decision};
+use crate::logsafe;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -54,6 +55,13 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest line accepted from Asterisk, in bytes (its own buffers are 2 KiB).
 pub const MAX_LINE: usize = 8 * 1024;
+
+/// Sessions open at once by default (`[agi] max_sessions`).
+pub const DEFAULT_MAX_SESSIONS: usize = 64;
+
+/// Caller details (name, number, channel, ...) kept in the call directory are cut to this many
+/// characters.
+pub const MAX_CALLER_VALUE: usize = 256;
 
 /// Most lines accepted in the variable block (Asterisk sends about 20 plus the arguments).
 pub const MAX_HEADER_LINES: usize = 256;
@@ -85,6 +93,21 @@ pub async fn serve(
     directory: Arc<CallDirectory>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    serve_bounded(listener, directory, DEFAULT_MAX_SESSIONS, shutdown).await
+}
+
+/// [`serve`] with at most `max_sessions` sessions open at once (`[agi] max_sessions`); a
+/// connection beyond that is closed at once with a warning, so idle FastAGI connections cannot
+/// take the process's file descriptors.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_bounded(
+    listener: TcpListener,
+    directory: Arc<CallDirectory>,
+    max_sessions: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let addr = listener.local_addr().context("FastAGI listener has no address")?;
     info!(%addr, "FastAGI server ready");
     let mut sessions = JoinSet::new();
@@ -108,6 +131,10 @@ pub async fn serve(
                         continue;
                     }
                 };
+                if sessions.len() >= max_sessions {
+                    warn!(%peer, max_sessions, "refusing a FastAGI connection: [agi] max_sessions sessions open");
+                    continue; // dropping the stream closes it
+                }
                 let directory = directory.clone();
                 sessions.spawn(
                     async move { session(stream, &directory).await }
@@ -175,9 +202,9 @@ impl AgiRequest {
             .filter(|a| !a.is_empty())
     }
 
-    /// The caller's details for the call directory.
+    /// The caller's details for the call directory, each cut to [`MAX_CALLER_VALUE`] characters.
     pub fn caller_info(&self) -> CallerInfo {
-        let get = |k: &str| self.get(k).map(str::to_string);
+        let get = |k: &str| self.get(k).map(|v| v.chars().take(MAX_CALLER_VALUE).collect());
         CallerInfo {
             caller_id: get("callerid"),
             caller_name: get("calleridname"),
@@ -281,6 +308,22 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Str
         .map_err(|e| anyhow!("line is not UTF-8 (byte {})", e.utf8_error().valid_up_to()))
 }
 
+/// Parses a whole FastAGI variable block from `bytes`, exactly as a session reads it from its
+/// socket (the same line, size and count limits). For the fuzz target and tests.
+///
+/// # Errors
+/// What the session would log before closing: a bad line, too many lines, an early end.
+pub fn parse_request(bytes: &[u8]) -> Result<AgiRequest> {
+    let mut reader = bytes;
+    // Reads from a slice never wait: the future completes on its first poll.
+    match futures_util::FutureExt::now_or_never(read_request(&mut reader)) {
+        Some(Ok(req)) => Ok(req),
+        Some(Err(SessionEnd::Failed(e))) => Err(e),
+        Some(Err(SessionEnd::Closed | SessionEnd::HungUp)) => Err(anyhow!("no AGI variable block")),
+        None => Err(anyhow!("reading from a slice did not complete")),
+    }
+}
+
 /// Reads the variable block up to its blank line.
 async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<AgiRequest, SessionEnd> {
     let mut req = AgiRequest::default();
@@ -329,7 +372,7 @@ async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<AgiRequ
 }
 
 fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
+    logsafe::clean(s, logsafe::MAX_VALUE_CHARS)
 }
 
 /// A session's command channel: writes commands, reads their answers.
@@ -521,14 +564,16 @@ async fn call_start<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
         },
     };
     let info = req.caller_info();
-    info!(
+    info!(script = "call-start", %uuid, "FastAGI call-start");
+    // Caller details are conversation content: DEBUG only, escaped and capped.
+    debug!(
         script = "call-start",
         %uuid,
-        caller_id = info.caller_id.as_deref().unwrap_or(""),
-        caller_name = info.caller_name.as_deref().unwrap_or(""),
-        dnid = info.dnid.as_deref().unwrap_or(""),
-        channel = info.channel.as_deref().unwrap_or(""),
-        "FastAGI call-start"
+        caller_id = %logsafe::value(info.caller_id.as_deref()),
+        caller_name = %logsafe::value(info.caller_name.as_deref()),
+        dnid = %logsafe::value(info.dnid.as_deref()),
+        channel = %logsafe::value(info.channel.as_deref()),
+        "FastAGI call-start caller details"
     );
     directory.set_info(uuid, info);
     set_var(cmd, VAR_UUID, &uuid.to_string()).await
@@ -554,7 +599,7 @@ async fn call_end<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
                 info!(
                     script = "call-end",
                     %uuid,
-                    caller_id,
+                    caller_id = %logsafe::value(Some(caller_id)),
                     action = d.as_ref().map_or("continue", Decision::action),
                     "FastAGI call-end"
                 );
@@ -569,6 +614,7 @@ async fn call_end<R: AsyncBufRead + Unpin, W: AsyncWrite + Unpin>(
     match decision {
         None => set_var(cmd, VAR_ACTION, "continue").await,
         Some(Decision::Hangup) => set_var(cmd, VAR_ACTION, "hangup").await,
+        Some(Decision::Busy) => set_var(cmd, VAR_ACTION, "busy").await,
         Some(Decision::Transfer { name, destination }) => {
             set_var(cmd, VAR_TRANSFER, &destination).await?;
             set_var(cmd, VAR_TRANSFER_NAME, &name).await?;

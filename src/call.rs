@@ -10,10 +10,12 @@ use crate::audio::{bytes_to_samples, ulaw_to_linear, Encoding, UlawDetector};
 use crate::audiosocket::{AudioRate, ConnectionError, Frame, FrameReader, FrameWriter};
 use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
+use crate::deadair::{DeadAir, DeadAirAction, Deadlines};
 use crate::directory::{CallDirectory, Decision};
 use crate::engines::Engines;
 use crate::events::{CallEventKind, CallState, CallerInfo, EventBus};
 use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
+use crate::logsafe;
 use crate::stt::{SttResult, SttStream};
 use crate::tts::{SentenceSplitter, TtsEngine};
 use crate::vad::{Vad, VadEvent};
@@ -79,9 +81,37 @@ pub const SHUTDOWN: &str = "server shutting down";
 /// The pacing period: one AudioSocket frame per 20 ms.
 pub const FRAME_MS: u64 = 20;
 
-/// Runs one call on an accepted connection until it ends. Never panics on bad input: a
-/// malformed frame ends this call only. Returns how it ended (already logged).
+/// Runs one call on an accepted connection until it ends: reads the id frame (within
+/// `server.id_timeout_ms`), then [`answer`]s. Never panics on bad input: a malformed frame ends
+/// this call only. Returns how it ended (already logged).
 pub async fn run<R, W>(
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> CallEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
+    match crate::admission::read_id(&mut reader, id_timeout).await {
+        Ok(uuid) => answer(uuid, uuid.to_string(), reader, writer, shared, shutdown).await,
+        Err(msg) => {
+            error!("{msg}");
+            let write_timeout = Duration::from_millis(shared.cfg.server.write_timeout_ms);
+            crate::admission::close(&mut reader, &mut writer, true, write_timeout, crate::admission::LINGER).await;
+            CallEnd::Error(msg)
+        }
+    }
+}
+
+/// Runs the call whose id frame (`call_id`) has arrived until it ends, then closes the
+/// connection cleanly. `label` names the call in the logs (the UUID, or `UUID#2` for a second
+/// live call with the same UUID). Returns how it ended (already logged).
+pub async fn answer<R, W>(
+    call_id: uuid::Uuid,
+    label: String,
     mut reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
     shared: Arc<Shared>,
@@ -91,30 +121,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
-    let call_id = match tokio::time::timeout(id_timeout, reader.read_frame()).await {
-        Ok(Ok(Some(Frame::Id(uuid)))) => uuid,
-        Ok(Ok(Some(other))) => {
-            return fail(
-                &mut writer,
-                format!("first frame was {other}, not an id frame: ending the connection"),
-            )
-            .await
-        }
-        Ok(Ok(None)) => return fail(&mut writer, "connection closed before an id frame".into()).await,
-        Ok(Err(e)) => return fail(&mut writer, format!("bad first frame: {e}")).await,
-        Err(_) => {
-            return fail(
-                &mut writer,
-                format!(
-                    "no id frame within {} ms: ending the connection",
-                    id_timeout.as_millis()
-                ),
-            )
-            .await
-        }
-    };
-    let span = tracing::info_span!("call", call_id = %call_id);
+    let span = tracing::info_span!("call", call_id = %label);
     async move {
         let info = shared.directory.info(call_id);
         let caller = info
@@ -127,34 +134,38 @@ where
             })
             .unwrap_or_default();
         let events = shared.events.clone();
-        let id = call_id.to_string();
-        events.emit(&id, CallEventKind::Started { caller });
+        events.emit(&label, CallEventKind::Started { caller });
         match info {
-            Some(c) => info!(
-                caller_id = %c.caller_id.as_deref().unwrap_or("-"),
-                caller_name = %c.caller_name.as_deref().unwrap_or("-"),
-                dnid = %c.dnid.as_deref().unwrap_or("-"),
-                language = %c.language.as_deref().unwrap_or("-"),
-                channel = %c.channel.as_deref().unwrap_or("-"),
-                "call started"
-            ),
+            Some(c) => {
+                info!("call started");
+                // Caller details are conversation content: DEBUG only, escaped and capped.
+                debug!(
+                    caller_id = %logsafe::value(c.caller_id.as_deref()),
+                    caller_name = %logsafe::value(c.caller_name.as_deref()),
+                    dnid = %logsafe::value(c.dnid.as_deref()),
+                    language = %logsafe::value(c.language.as_deref()),
+                    channel = %logsafe::value(c.channel.as_deref()),
+                    "caller details"
+                )
+            }
             None => info!("call started (no caller info: no AGI call-start step for this UUID)"),
         }
         let directory = shared.directory.clone();
-        let end = match Call::new(call_id.to_string(), shared) {
-            Ok(mut call) => {
-                let end = call.run(&mut reader, &mut writer, &mut shutdown).await;
-                // What the dialplan's AGI call-end step will read.
-                if let Some(decision) = call.decision.take() {
-                    directory.set_decision(call_id, decision);
-                }
-                end
-            }
-            Err(e) => CallEnd::Error(format!("cannot start the call's engines: {e:#}")),
-        };
-        close(&mut writer, &end).await;
+        let write_timeout = Duration::from_millis(shared.cfg.server.write_timeout_ms);
+        let mut call = Call::new(label.clone(), shared);
+        let end = call.run(&mut reader, &mut writer, &mut shutdown).await;
+        // A reply cut short by the caller's hangup or by shutdown is logged with what was played.
+        if call.turn.is_some() {
+            call.stop_agent(true);
+        }
+        // What the dialplan's AGI call-end step will read.
+        if let Some(decision) = call.decision.take() {
+            directory.set_decision(call_id, decision);
+        }
+        drop(call);
+        close(&mut reader, &mut writer, &end, write_timeout).await;
         events.emit(
-            &id,
+            &label,
             CallEventKind::Ended {
                 reason: end.label(),
                 detail: end.detail().to_string(),
@@ -167,28 +178,28 @@ where
 }
 
 /// Logs how the call ended and closes the socket: a hangup frame and a FIN when the agent
-/// ends the call, a FIN when the caller did (never a reset).
-async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd) {
-    match end {
+/// ends the call, a FIN when the caller did, then the read side drained until the peer's FIN
+/// (never a reset). Writes are bounded by `write_timeout`.
+async fn close<R, W>(reader: &mut FrameReader<R>, writer: &mut FrameWriter<W>, end: &CallEnd, write_timeout: Duration)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hangup = match end {
         CallEnd::Error(msg) => {
             error!("call ended by error: {msg}");
-            let _ = writer.hangup().await;
+            true
         }
         CallEnd::AgentHangup(why) => {
-            let _ = writer.hangup().await;
             info!("call ended: agent hung up ({why})");
+            true
         }
         CallEnd::CallerHangup => {
-            let _ = writer.shutdown().await;
             info!("call ended: caller hung up");
+            false
         }
-    }
-}
-
-async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String) -> CallEnd {
-    error!("{msg}");
-    let _ = writer.hangup().await;
-    CallEnd::Error(msg)
+    };
+    crate::admission::close(reader, writer, hangup, write_timeout, crate::admission::LINGER).await;
 }
 
 /// What a piece of agent audio is.
@@ -278,6 +289,9 @@ const RESUME_AFTER_SILENCE_MS: u32 = 120;
 /// A barge-in is confirmed only if the caller's last voiced frame is at most this old (ms).
 const CONFIRM_MAX_SILENCE_MS: u32 = 60;
 
+/// Unbound DTMF digits kept for one keypad utterance; more are dropped (with a warning).
+const MAX_KEYPAD_DIGITS: usize = 32;
+
 /// Milliseconds without another key before unbound DTMF digits go to the conversation.
 const DTMF_FLUSH_MS: u64 = 1500;
 
@@ -285,9 +299,11 @@ struct Call {
     id: String,
     shared: Arc<Shared>,
     vad: Vad,
+    /// The recognizer, started at the first audio frame (at its rate); detached until then.
     stt: SttStream,
     stt_rx: mpsc::UnboundedReceiver<SttResult>,
-    llm: Arc<LlmSession>,
+    /// The LLM context, started at the first audio frame (or the first keypad utterance).
+    llm: Option<Arc<LlmSession>>,
     fallback_llm: Option<Arc<LlmSession>>,
     history: Vec<Message>,
     queue: VecDeque<Segment>,
@@ -323,23 +339,17 @@ struct Call {
     decision: Option<Decision>,
     /// What the agent is doing, as last published on the event bus.
     state: CallState,
+    /// Deadlines of a reply after the filler (second filler, re-prompt, hand-off).
+    dead_air: DeadAir,
 }
 
 impl Call {
-    fn new(id: String, shared: Arc<Shared>) -> anyhow::Result<Call> {
+    /// A call with no engine resources yet: the recognizer and the LLM context are started at
+    /// the first audio frame (`set_in_rate`), so a connection that sends an id and
+    /// nothing else costs no thread.
+    fn new(id: String, shared: Arc<Shared>) -> Call {
         let cfg = &shared.cfg;
-        // Caller audio is resampled to the STT rate on the STT thread; until the first audio
-        // frame we assume the application's 8 kHz.
-        let (stt, stt_rx) = shared.engines.stt.start_stream(&id, 8000)?;
-        let actions = cfg
-            .actions
-            .llm_actions
-            .then(|| Arc::new(ActionSpec::new(cfg.actions.transfer.keys().cloned())));
-        let llm = Arc::new(LlmSession::start_with_actions(
-            shared.engines.llm.clone(),
-            &id,
-            actions,
-        )?);
+        let (stt, stt_rx) = SttStream::detached();
         let history = vec![
             Message {
                 role: Role::System,
@@ -350,15 +360,13 @@ impl Call {
                 text: cfg.agent.greeting.clone(),
             },
         ];
-        // Evaluate the system prompt and greeting while the greeting plays.
-        llm.warm(history.clone());
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
-        Ok(Call {
+        Call {
             vad: Vad::new(&cfg.vad),
             stt,
             stt_rx,
-            llm,
+            llm: None,
             fallback_llm: None,
             history,
             queue: VecDeque::new(),
@@ -385,9 +393,30 @@ impl Call {
             ending: None,
             decision: None,
             state: CallState::Listening,
+            dead_air: DeadAir::default(),
             id,
             shared,
-        })
+        }
+    }
+
+    /// The call's LLM context, started on first use; the system prompt and greeting are
+    /// evaluated into its KV cache at once (while the greeting plays).
+    fn llm_session(&mut self) -> Option<Arc<LlmSession>> {
+        if self.llm.is_none() {
+            let cfg = &self.shared.cfg;
+            let actions = cfg
+                .actions
+                .llm_actions
+                .then(|| Arc::new(ActionSpec::new(cfg.actions.transfer.keys().cloned())));
+            match LlmSession::start_with_actions(self.shared.engines.llm.clone(), &self.id, actions) {
+                Ok(s) => {
+                    s.warm(self.history[..2.min(self.history.len())].to_vec());
+                    self.llm = Some(Arc::new(s));
+                }
+                Err(e) => error!("cannot start the call's LLM context: {e:#}"),
+            }
+        }
+        self.llm.clone()
     }
 
     async fn run<R, W>(
@@ -416,14 +445,20 @@ impl Call {
         let mut tick = tokio::time::interval(Duration::from_millis(FRAME_MS));
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut frame_buf = Vec::with_capacity(AudioRate::Slin48.samples_per_20ms());
+        let write_timeout = Duration::from_millis(self.shared.cfg.server.write_timeout_ms);
         loop {
             tokio::select! {
                 biased;
                 _ = tick.tick() => {
                     self.on_tick();
                     let rate = self.next_frame(&mut frame_buf);
-                    if let Err(e) = writer.write_samples(rate, &frame_buf).await {
-                        return CallEnd::Error(format!("cannot write to Asterisk: {e}"));
+                    match tokio::time::timeout(write_timeout, writer.write_samples(rate, &frame_buf)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return CallEnd::Error(format!("cannot write to Asterisk: {e}")),
+                        Err(_) => return CallEnd::Error(format!(
+                            "Asterisk has not read the call's audio for {} ms (server.write_timeout_ms): ending the call",
+                            write_timeout.as_millis()
+                        )),
                     }
                     self.publish_state();
                     if let Some(end) = self.ended() {
@@ -545,6 +580,31 @@ impl Call {
             let filler = cfg.call.filler.clone();
             self.play_prompt(&filler, "filler");
         }
+        if self.ending.is_none() {
+            let waiting = self
+                .turn
+                .as_ref()
+                .filter(|t| !t.audio_queued)
+                .map(|t| (t.id, t.t_final));
+            let deadlines = Deadlines::from_config(&cfg.call);
+            match self.dead_air.tick(now, waiting, self.queue.is_empty(), &deadlines) {
+                DeadAirAction::Wait => {}
+                DeadAirAction::SecondFiller => {
+                    info!("dead air: playing the second filler");
+                    self.play_prompt(&cfg.call.second_filler, "second_filler");
+                }
+                DeadAirAction::Reprompt => {
+                    warn!(
+                        reply_deadline_ms = cfg.call.reply_deadline_ms,
+                        "no reply in time: giving it up and asking again"
+                    );
+                    self.stop_agent(false);
+                    self.filler_due = None;
+                    self.play_prompt(&cfg.call.reprompt, "reprompt");
+                }
+                DeadAirAction::HandOff => self.hand_off(),
+            }
+        }
         if self
             .dtmf_last
             .is_some_and(|t| now - t >= Duration::from_millis(DTMF_FLUSH_MS))
@@ -566,6 +626,27 @@ impl Call {
             }
         }
         self.confirm_barge_in();
+    }
+
+    /// Replies kept timing out: transfer to `call.handoff_transfer` if it names a configured
+    /// destination, else the apology and a hangup.
+    fn hand_off(&mut self) {
+        let shared = self.shared.clone();
+        let name = shared.cfg.call.handoff_transfer.as_deref();
+        match name.and_then(|n| shared.cfg.actions.transfer.get(n).map(|d| (n, d))) {
+            Some((name, dest)) => {
+                warn!(transfer = name, "replies keep timing out: handing the call off");
+                self.stop_agent(false);
+                self.ending = Some(Ending::Transfer {
+                    name: name.into(),
+                    destination: dest.clone(),
+                });
+            }
+            None => {
+                warn!("replies keep timing out: apologizing and hanging up");
+                self.apologize_and_hang_up("replies keep timing out");
+            }
+        }
     }
 
     fn say_goodbye(&mut self, why: &str) {
@@ -620,7 +701,7 @@ impl Call {
                     bytes_to_samples(&payload, &mut samples);
                 }
                 if self.in_rate != Some(rate) {
-                    self.set_in_rate(rate);
+                    self.set_in_rate(rate)?;
                 }
                 self.on_audio(samples, rate.hz());
             }
@@ -632,22 +713,34 @@ impl Call {
         Ok(())
     }
 
-    fn set_in_rate(&mut self, rate: AudioRate) {
+    /// The first audio frame fixes the call's rate and starts its recognizer and LLM context
+    /// (once per call). A later frame at another rate ends the call: Asterisk never changes a
+    /// call's audio format mid-call, so that is a broken or hostile peer, and a new recognizer
+    /// per change would let it multiply threads.
+    fn set_in_rate(&mut self, rate: AudioRate) -> Result<(), CallEnd> {
+        if let Some(old) = self.in_rate {
+            return Err(CallEnd::Error(format!(
+                "caller audio changed rate mid-call ({} Hz -> {} Hz): ending the call",
+                old.hz(),
+                rate.hz()
+            )));
+        }
         info!(rate_hz = rate.hz(), "caller audio rate");
-        if self.in_rate.is_some() || rate.hz() != 8000 {
-            // Recreate the recognizer for the new input rate.
-            match self.shared.engines.stt.start_stream(&self.id, rate.hz()) {
-                Ok((stt, rx)) => {
-                    self.stt = stt;
-                    self.stt_rx = rx;
-                }
-                Err(e) => error!("cannot restart STT at {} Hz: {e:#}", rate.hz()),
+        match self.shared.engines.stt.start_stream(&self.id, rate.hz()) {
+            Ok((stt, rx)) => {
+                self.stt = stt;
+                self.stt_rx = rx;
             }
+            Err(e) => return Err(CallEnd::Error(format!("cannot start STT at {} Hz: {e:#}", rate.hz()))),
+        }
+        if self.llm_session().is_none() {
+            return Err(CallEnd::Error("cannot start the call's LLM context".into()));
         }
         self.in_rate = Some(rate);
         self.out_rate = rate;
         self.pre_roll.clear();
         self.pre_roll_samples = 0;
+        Ok(())
     }
 
     fn on_audio(&mut self, samples: Vec<i16>, rate_hz: u32) {
@@ -796,18 +889,19 @@ impl Call {
     }
 
     fn on_dtmf(&mut self, digit: char) {
-        info!(digit = %digit, "DTMF digit");
+        info!("DTMF digit");
+        debug!(digit = %digit, "DTMF digit value");
         self.last_activity = Instant::now();
         let shared = self.shared.clone();
         let binding = shared.cfg.actions.dtmf.get(&digit.to_string()).cloned();
         match binding.as_deref().map(|b| b.split_once(':').unwrap_or((b, ""))) {
             Some(("hangup", _)) => {
-                info!(digit = %digit, "DTMF bound to hangup");
+                info!("DTMF bound to hangup");
                 self.say_goodbye("caller pressed a hangup key");
             }
             Some(("transfer", name)) => match shared.cfg.actions.transfer.get(name) {
                 Some(dest) => {
-                    info!(digit = %digit, transfer = name, "DTMF bound to a transfer");
+                    info!(transfer = name, "DTMF bound to a transfer");
                     self.stop_agent(true);
                     self.ending = Some(Ending::Transfer {
                         name: name.into(),
@@ -820,6 +914,18 @@ impl Call {
             },
             Some((other, _)) => error!(digit = %digit, "unknown DTMF binding {other:?} (use hangup or transfer:NAME)"),
             None => {
+                if self.dtmf.len() >= MAX_KEYPAD_DIGITS {
+                    if self.dtmf.len() == MAX_KEYPAD_DIGITS {
+                        warn!("more than {MAX_KEYPAD_DIGITS} unbound DTMF digits without '#': dropping the rest");
+                        // One marker byte past the cap: warn once per keypad utterance.
+                        self.dtmf.push('…');
+                    }
+                    self.dtmf_last = Some(Instant::now());
+                    if digit == '#' {
+                        self.flush_dtmf();
+                    }
+                    return;
+                }
                 self.dtmf.push(digit);
                 self.dtmf_last = Some(Instant::now());
                 if digit == '#' {
@@ -832,7 +938,8 @@ impl Call {
     /// Unbound digits reach the conversation as text, like an utterance.
     fn flush_dtmf(&mut self) {
         self.dtmf_last = None;
-        let digits = std::mem::take(&mut self.dtmf);
+        let mut digits = std::mem::take(&mut self.dtmf);
+        digits.retain(|c| c != '…');
         if !digits.is_empty() {
             self.on_transcript(SttResult {
                 text: format!("[keypad] {digits}"),
@@ -848,7 +955,12 @@ impl Call {
         } else {
             result.text.trim().to_string()
         };
-        info!(stt_final_ms = result.finish_ms, text = %text, "caller utterance");
+        info!(
+            stt_final_ms = result.finish_ms,
+            chars = text.chars().count(),
+            "caller utterance"
+        );
+        debug!(text = %logsafe::clean(&text, 1000), "caller said");
         self.record(Entry::now(&self.id, Speaker::Caller, text.clone()));
         if text.is_empty() {
             // Nothing usable: ask again, and listen again.
@@ -856,6 +968,10 @@ impl Call {
             let again = self.shared.cfg.call.not_understood.clone();
             self.play_prompt(&again, "not_understood");
             return;
+        }
+        // A keypad utterance has no endpoint: the filler timer starts at its final text.
+        if self.filler_due.is_none() && text.starts_with("[keypad]") {
+            self.filler_due = Some(Instant::now() + Duration::from_millis(self.shared.cfg.call.filler_after_ms));
         }
         // A reply still being generated for an earlier utterance is superseded.
         if self.turn.is_some() {
@@ -870,7 +986,11 @@ impl Call {
         self.next_turn += 1;
         let cancel = Arc::new(AtomicBool::new(false));
         let t_final = Instant::now();
-        let mut sessions = vec![(self.llm.clone(), "main")];
+        let Some(main) = self.llm_session() else {
+            self.apologize_and_hang_up("LLM unavailable");
+            return;
+        };
+        let mut sessions = vec![(main, "main")];
         if let Some(fb) = self.fallback_session() {
             sessions.push((fb, "fallback"));
         }
@@ -938,6 +1058,7 @@ impl Call {
                     t.audio_queued = true;
                     t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
                     self.filler_due = None;
+                    self.dead_air.replied();
                 }
                 self.queue.push_back(Segment {
                     turn,
@@ -995,9 +1116,10 @@ impl Call {
             llm_first_token_ms = t.llm_first_token_ms,
             tts_first_audio_ms = t.tts_first_audio_ms,
             interrupted,
-            text = %text,
+            chars = text.chars().count(),
             "agent turn"
         );
+        debug!(text = %logsafe::clean(&text, 1000), "agent said");
         if !text.is_empty() {
             self.history.push(Message {
                 role: Role::Assistant,

@@ -90,6 +90,27 @@ pub struct CallConfig {
     pub fallback_llm: Option<std::path::PathBuf>,
     /// A second Piper voice (`.onnx`) used when synthesis fails. Default none: canned prompts.
     pub fallback_voice: Option<std::path::PathBuf>,
+    /// Played (at 8 kHz, rendered at start-up) to a caller who connects while `server.max_calls`
+    /// calls are live, before a clean hangup so the dialplan goes on. Default "All our lines
+    /// are busy. Please call again later.".
+    pub busy: String,
+    /// Played when a reply is still not ready `filler_after_ms + second_filler_after_ms` after
+    /// the endpoint (the first filler has played). Default "Still working on it.".
+    pub second_filler: String,
+    /// Ms after the first filler became due before the second one plays. Default 2500.
+    pub second_filler_after_ms: u64,
+    /// Played when a reply is still not ready `reply_deadline_ms` after the endpoint: the
+    /// reply is dropped and the caller asked again. Default "Sorry, that took too long. Could
+    /// you say that again?".
+    pub reprompt: String,
+    /// Ms after the endpoint after which a reply that has not started is given up. Default 6000.
+    pub reply_deadline_ms: u64,
+    /// After this many given-up replies in a row the call is handed off: a transfer to
+    /// `handoff_transfer` if set, else the apology and a hangup. Default 2.
+    pub max_reprompts: u32,
+    /// The `[actions.transfer]` name the call is transferred to when replies keep timing out.
+    /// Default none (apology and hangup).
+    pub handoff_transfer: Option<String>,
 }
 
 impl Default for CallConfig {
@@ -106,6 +127,13 @@ impl Default for CallConfig {
             llm_retries: 2,
             fallback_llm: None,
             fallback_voice: None,
+            busy: "All our lines are busy. Please call again later.".into(),
+            second_filler: "Still working on it.".into(),
+            second_filler_after_ms: 2500,
+            reprompt: "Sorry, that took too long. Could you say that again?".into(),
+            reply_deadline_ms: 6000,
+            max_reprompts: 2,
+            handoff_transfer: None,
         }
     }
 }
@@ -119,6 +147,9 @@ pub struct AgiConfig {
     /// FastAGI listen address (`AGI(agi://127.0.0.1:4573/...)`). Default `127.0.0.1:4573`
     /// (loopback: Asterisk runs on the same host).
     pub listen: SocketAddr,
+    /// FastAGI sessions open at once; further connections are closed at once with a log line
+    /// (each session is also bounded by its 5 s header and 10 s reply timeouts). Default 64.
+    pub max_sessions: usize,
 }
 
 impl Default for AgiConfig {
@@ -126,6 +157,7 @@ impl Default for AgiConfig {
         AgiConfig {
             enabled: true,
             listen: "127.0.0.1:4573".parse().unwrap(),
+            max_sessions: crate::agi::DEFAULT_MAX_SESSIONS,
         }
     }
 }
@@ -169,6 +201,9 @@ pub struct FaultsConfig {
     pub llm_delay_ms: u64,
     /// Every reply synthesis with the main voice fails.
     pub tts_fail: bool,
+    /// The N-th conversation log entry (1-based) is written only half, then fails like a full
+    /// disk. Default 0 (never).
+    pub log_fail_at: u64,
 }
 
 /// `[server]` section.
@@ -184,6 +219,13 @@ pub struct ServerConfig {
     /// Upper bound on simultaneous calls; further connections are refused with a log line.
     /// Default 8.
     pub max_calls: usize,
+    /// Connections accepted but not yet calls (waiting for their id frame, or hearing the busy
+    /// prompt because `max_calls` calls are live); further connections are closed at once with
+    /// a log line. Default 16.
+    pub max_pending: usize,
+    /// A write to Asterisk that has not completed in this many ms (the peer stopped reading)
+    /// ends the call. Default 3000.
+    pub write_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -192,6 +234,8 @@ impl Default for ServerConfig {
             audiosocket_listen: "127.0.0.1:8090".parse().unwrap(),
             id_timeout_ms: 2000,
             max_calls: 8,
+            max_pending: 16,
+            write_timeout_ms: 3000,
         }
     }
 }
@@ -398,6 +442,12 @@ impl Config {
             "vad.end_silence_ms must be at least 100"
         );
         anyhow::ensure!(self.server.max_calls >= 1, "server.max_calls must be at least 1");
+        anyhow::ensure!(self.server.max_pending >= 1, "server.max_pending must be at least 1");
+        anyhow::ensure!(self.agi.max_sessions >= 1, "agi.max_sessions must be at least 1");
+        anyhow::ensure!(
+            self.server.write_timeout_ms >= 100,
+            "server.write_timeout_ms must be at least 100"
+        );
         anyhow::ensure!(
             !self.agent.greeting.trim().is_empty(),
             "agent.greeting must not be empty"

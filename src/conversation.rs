@@ -1,5 +1,10 @@
 //! The conversation log: one JSON object per line per utterance, written by one thread for all
 //! calls and flushed line by line so nothing a caller said is lost if the service stops.
+//!
+//! Never a torn line: each line goes out in one `write_all`; if that fails part-way (disk
+//! full), the file is cut back to its length before the line (`set_len`), so the file holds
+//! only whole lines and the next entry starts on a fresh line once space is back. If even the
+//! cut fails, the next write starts with a newline so the torn bytes stay on a line of their own.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -74,6 +79,13 @@ pub struct ConversationLog {
 impl ConversationLog {
     /// Opens (appends to) the log file, creating its folder, and starts the writer thread.
     pub fn open(path: &Path) -> Result<ConversationLog> {
+        ConversationLog::open_with_fault(path, 0)
+    }
+
+    /// [`ConversationLog::open`] with an injected fault for the tests (`[test_faults]
+    /// log_fail_at`): the `fail_at`-th entry (1-based; 0 = never) is written only half, then
+    /// fails like a full disk would.
+    pub fn open_with_fault(path: &Path, fail_at: u64) -> Result<ConversationLog> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
@@ -83,22 +95,79 @@ impl ConversationLog {
             .open(path)
             .with_context(|| format!("cannot open conversation log {}", path.display()))?;
         let (tx, rx) = mpsc::channel::<Entry>();
+        let live = crate::engines::WorkerThread::enter();
         std::thread::Builder::new()
             .name("conversation-log".into())
             .spawn(move || {
-                for entry in rx {
+                let _live = live;
+                let mut torn = false;
+                for (n, entry) in (1u64..).zip(rx) {
                     let mut line = serde_json::to_string(&entry).expect("entries serialize");
                     line.push('\n');
-                    if let Err(e) = file.write_all(line.as_bytes()).and_then(|_| file.flush()) {
-                        tracing::error!("conversation log write failed: {e}; entry was {line}");
+                    let inject = n == fail_at;
+                    if let Err(e) = write_line(&mut file, line.as_bytes(), &mut torn, inject) {
+                        tracing::error!(
+                            call_id = %crate::logsafe::clean(&entry.call_id, 64),
+                            "conversation log write failed ({e}): entry lost"
+                        );
+                        tracing::debug!(entry = %crate::logsafe::clean(&line, 4096), "the lost entry");
                     }
                 }
             })?;
         Ok(ConversationLog { tx })
     }
 
-    /// Queues an entry for writing (never blocks).
+    /// Queues an entry for writing (never blocks). The writer thread ends once every handle is
+    /// dropped and the queue is written.
     pub fn write(&self, entry: Entry) {
         let _ = self.tx.send(entry);
+    }
+}
+
+/// Appends one whole line, or nothing: on failure the file is cut back to its length before the
+/// line; if that fails too, `torn` makes the next line start with a newline.
+fn write_line(file: &mut std::fs::File, line: &[u8], torn: &mut bool, inject: bool) -> std::io::Result<()> {
+    let before = file.metadata()?.len();
+    let result = (|| {
+        if *torn {
+            file.write_all(b"\n")?;
+        }
+        if inject {
+            file.write_all(&line[..line.len() / 2])?;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "injected fault: no space left on device",
+            ));
+        }
+        file.write_all(line)?;
+        file.flush()
+    })();
+    match &result {
+        Ok(()) => *torn = false,
+        Err(_) => *torn = file.set_len(before).is_err(),
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_only_whole_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut torn = false;
+        write_line(&mut file, b"{\"a\":1}\n", &mut torn, false).unwrap();
+        assert!(write_line(&mut file, b"{\"b\":2}\n", &mut torn, true).is_err());
+        assert!(!torn, "the torn half was cut off");
+        write_line(&mut file, b"{\"c\":3}\n", &mut torn, false).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"a\":1}\n{\"c\":3}\n");
     }
 }

@@ -59,14 +59,18 @@ pub enum Decision {
         /// The configured dial string, e.g. `PJSIP/100`.
         destination: String,
     },
+    /// The agent was at `server.max_calls` and played the busy prompt (`AVA_ACTION=busy`): the
+    /// dialplan may try another agent host.
+    Busy,
 }
 
 impl Decision {
-    /// The `AVA_ACTION` value: `hangup` or `transfer`.
+    /// The `AVA_ACTION` value: `hangup`, `transfer` or `busy`.
     pub fn action(&self) -> &'static str {
         match self {
             Decision::Hangup => "hangup",
             Decision::Transfer { .. } => "transfer",
+            Decision::Busy => "busy",
         }
     }
 }

@@ -9,8 +9,9 @@ use crate::stt::SttEngine;
 use crate::tts::{TtsEngine, TtsSettings};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The shared engines.
 pub struct Engines {
@@ -35,6 +36,49 @@ pub fn lower_thread_priority() {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
+}
+
+/// Worker threads (per-call STT and LLM threads, the TTS thread, the conversation log writer)
+/// that have been spawned and not yet finished. The process must not exit while one runs:
+/// llama.cpp's threads segfault when the process tears down under them.
+static WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one worker thread while it lives: create it before spawning the thread and move it
+/// into the thread's closure, so it is counted from the spawn to the thread's last statement.
+#[derive(Debug)]
+pub struct WorkerThread(());
+
+impl WorkerThread {
+    /// Counts a thread about to be spawned.
+    pub fn enter() -> WorkerThread {
+        WORKER_THREADS.fetch_add(1, Ordering::SeqCst);
+        WorkerThread(())
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        WORKER_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Worker threads alive now (see [`WorkerThread`]).
+pub fn worker_threads() -> usize {
+    WORKER_THREADS.load(Ordering::SeqCst)
+}
+
+/// Waits until every [`WorkerThread`] has finished, at most `deadline`; true if they all did.
+/// Call it after the engines and every call were dropped (their channels closing is what ends
+/// the threads).
+pub async fn wait_for_worker_threads(deadline: Duration) -> bool {
+    let t = Instant::now();
+    while worker_threads() > 0 {
+        if t.elapsed() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Where each model file is, after the config and the manifest were read.

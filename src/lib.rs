@@ -23,3 +23,7 @@ pub mod simulate;
 pub mod stt;
 pub mod tts;
 pub mod vad;
+// issue 7: bounded under bad input, load and faults
+pub mod admission;
+pub mod deadair;
+pub mod logsafe;

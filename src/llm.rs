@@ -369,7 +369,9 @@ impl LlmSession {
     ) -> Result<LlmSession> {
         let (tx, rx) = std_mpsc::channel::<Request>();
         let name = format!("llm-{}", &call_id[..8.min(call_id.len())]);
+        let live = crate::engines::WorkerThread::enter();
         std::thread::Builder::new().name(name).spawn(move || {
+            let _live = live;
             crate::engines::lower_thread_priority();
             if let Err(e) = session_thread(&engine, actions.as_deref(), rx) {
                 tracing::error!("LLM context failed: {e:#}");

@@ -1,7 +1,8 @@
 //! The AudioSocket server: loads the engines once, listens, runs one task per connection and
 //! shuts down cleanly on SIGINT/SIGTERM (each live call gets a hangup frame and a FIN).
 
-use crate::audiosocket::connection;
+use crate::admission::{self, LiveCalls, Pending, PendingSet};
+use crate::audiosocket::{connection, FrameReader, FrameWriter};
 use crate::call::{self, Shared};
 use crate::config::Config;
 use crate::conversation::ConversationLog;
@@ -10,10 +11,11 @@ use crate::engines::Engines;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 /// Loads everything, binds the listener and serves until a shutdown signal.
 ///
@@ -22,15 +24,26 @@ use tracing::{error, info, warn};
 /// be bound; each message names the file or address.
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
-    let listener = TcpListener::bind(cfg.server.audiosocket_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (server.audiosocket_listen)",
-                cfg.server.audiosocket_listen
-            )
-        })?;
-    let log = ConversationLog::open(&cfg.log.conversation_log)?;
+    // Reserve the ports now, so a busy port fails at once, but listen only once the models and
+    // prompts are ready: until then a connection is refused and the dialplan can route around.
+    let reserved = reserve(cfg.server.audiosocket_listen, Some(SEND_BUFFER)).with_context(|| {
+        format!(
+            "cannot listen on {} (server.audiosocket_listen)",
+            cfg.server.audiosocket_listen
+        )
+    })?;
+    let agi_reserved = match cfg.agi.enabled {
+        true => Some(
+            reserve(cfg.agi.listen, None)
+                .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?,
+        ),
+        false => None,
+    };
+    crate::admission::warn_if_exposed(cfg.server.audiosocket_listen, "server.audiosocket_listen (AudioSocket)");
+    if cfg.agi.enabled {
+        crate::admission::warn_if_exposed(cfg.agi.listen, "[agi] listen (FastAGI)");
+    }
+    let log = ConversationLog::open_with_fault(&cfg.log.conversation_log, cfg.test_faults.log_fail_at)?;
     let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
     // Render the greeting and the fixed prompts now, at the two usual call rates, so calls
     // start speaking at once and the prompts play even if synthesis later fails.
@@ -41,6 +54,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         &c.not_understood,
         &c.apology,
         &c.goodbye,
+        &c.busy,
+        &c.second_filler,
+        &c.reprompt,
     ] {
         for rate in [8000, 16000] {
             engines
@@ -52,17 +68,29 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let agi = if cfg.agi.enabled {
-        let l = TcpListener::bind(cfg.agi.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?;
-        let mut stop = stop_rx.clone();
-        Some(tokio::spawn(crate::agi::serve(l, directory.clone(), async move {
-            let _ = stop.changed().await;
-        })))
-    } else {
-        None
+    let agi = match agi_reserved {
+        Some(socket) => {
+            let l = socket
+                .listen(1024)
+                .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?;
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::agi::serve_bounded(
+                l,
+                directory.clone(),
+                cfg.agi.max_sessions,
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )))
+        }
+        None => None,
     };
+    let listener = reserved.listen(1024).with_context(|| {
+        format!(
+            "cannot listen on {} (server.audiosocket_listen)",
+            cfg.server.audiosocket_listen
+        )
+    })?;
     let shared = Arc::new(Shared {
         engines,
         cfg,
@@ -83,19 +111,80 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(agi) = agi {
         let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
     }
+    // The inference threads end once the calls and engines that feed them are gone; the process
+    // must not exit under them (llama.cpp segfaults when torn down while its threads run).
+    wait_for_workers().await;
     Ok(())
+}
+
+/// Drops nothing itself: waits (at most [`WORKER_DEADLINE`]) for the STT, LLM and TTS threads
+/// and the conversation log writer, which end when the last [`Shared`] is dropped.
+async fn wait_for_workers() {
+    let t = Instant::now();
+    if crate::engines::wait_for_worker_threads(WORKER_DEADLINE).await {
+        info!(ms = t.elapsed().as_millis() as u64, "all worker threads finished");
+    } else {
+        // Exiting normally now would tear llama.cpp down under a running thread: skip the
+        // process teardown (the conversation log is written line by line, nothing is lost).
+        error!(
+            threads = crate::engines::worker_threads(),
+            "worker threads still running {} s after shutdown: exiting without teardown",
+            WORKER_DEADLINE.as_secs()
+        );
+        // SAFETY: _exit ends the process at once; no Rust state is used afterwards.
+        unsafe { libc::_exit(0) };
+    }
+}
+
+/// How long shutdown waits for the worker threads after the calls ended (a reply being
+/// generated stops at its next token; Vosk finishes its queued audio, at most a few seconds).
+const WORKER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The kernel send buffer of each AudioSocket connection, in bytes (Linux doubles it): a paced
+/// 20 ms stream needs only a few frames of it, and a fixed size (no autotuning up to MiBs)
+/// makes a peer that stops reading block our writes within seconds, so the write deadline
+/// (`server.write_timeout_ms`) ends its call, and bounds the kernel memory per call.
+const SEND_BUFFER: u32 = 32 * 1024;
+
+/// Binds a socket to `addr` without listening: the port is taken (a second server fails at
+/// once) but connections are refused until [`tokio::net::TcpSocket::listen`]. Accepted
+/// connections inherit `send_buffer` (bytes) when given.
+fn reserve(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Result<TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if let Some(size) = send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and
 /// waits (at most 5 s) for them to close.
+///
+/// A connection holds no call slot until its id frame arrived (within `server.id_timeout_ms`);
+/// until then it is one of at most `server.max_pending` pending connections (the oldest is
+/// closed when one more arrives). With `server.max_calls` calls live, a connection that sends
+/// its id hears the busy prompt (`call.busy`) and a clean hangup.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let limit = Arc::new(Semaphore::new(shared.cfg.server.max_calls));
+    let server = &shared.cfg.server;
+    let slots = Arc::new(Semaphore::new(server.max_calls));
+    let pending = PendingSet::new(server.max_pending);
+    let live = LiveCalls::new();
+    // Connections evicted from the pending set may still be closing (at most SHORT_LINGER):
+    // past this many tasks in all, new connections are closed without a task.
+    let max_tasks = server.max_calls + 4 * server.max_pending;
     let mut calls = JoinSet::new();
+    let (mut evictions, mut last_evict_log) = (0u64, None);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -109,18 +198,27 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(%peer, max_calls = shared.cfg.server.max_calls, "refusing a call: server.max_calls reached");
+                if calls.len() >= max_tasks {
+                    warn!(%peer, tasks = calls.len(), "refusing a connection: too many connections being handled");
                     continue; // dropping the stream closes it
-                };
+                }
+                let (ticket, evicted) = pending.admit();
+                if evicted {
+                    evictions += 1;
+                    // One line per second at most: a flood must not flood the log too.
+                    if last_evict_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                        warn!(max_pending = server.max_pending, evictions, "server.max_pending connections without an id frame: closing the oldest");
+                        last_evict_log = Some(Instant::now());
+                    }
+                }
                 let (reader, writer) = connection::split(stream);
-                let shared = shared.clone();
-                let stop = stop_rx.clone();
-                calls.spawn(async move {
-                    let end = call::run(reader, writer, shared, stop).await;
-                    drop(permit);
-                    end
-                });
+                let task = Connection {
+                    shared: shared.clone(),
+                    slots: slots.clone(),
+                    live: live.clone(),
+                    stop: stop_rx.clone(),
+                };
+                calls.spawn(task.run(reader, writer, ticket).instrument(tracing::info_span!("conn", %peer)));
             }
             Some(done) = calls.join_next(), if !calls.is_empty() => {
                 if let Err(e) = done {
@@ -129,13 +227,102 @@ pub async fn serve(
             }
         }
     }
-    info!(calls = calls.len(), "shutting down: hanging up live calls");
+    info!(calls = live.len(), "shutting down: hanging up live calls");
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while calls.join_next().await.is_some() {}
     })
     .await;
+    if !calls.is_empty() {
+        warn!(
+            tasks = calls.len(),
+            "shutdown: aborting connections still open after 5 s"
+        );
+        calls.shutdown().await;
+    }
     Ok(())
+}
+
+/// One accepted connection, from the id frame to the close.
+struct Connection {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    live: Arc<LiveCalls>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn run(
+        mut self,
+        mut reader: FrameReader<OwnedReadHalf>,
+        mut writer: FrameWriter<OwnedWriteHalf>,
+        ticket: Pending,
+    ) -> Option<call::CallEnd> {
+        let server = &self.shared.cfg.server;
+        let write_timeout = Duration::from_millis(server.write_timeout_ms);
+        let id_timeout = Duration::from_millis(server.id_timeout_ms);
+        let id = tokio::select! {
+            id = admission::read_id(&mut reader, id_timeout) => id,
+            _ = ticket.evicted.notified() => Err("closed: newer connections arrived while this one sent no id frame".into()),
+            _ = self.stop.changed() => Err("closed: server shutting down".into()),
+        };
+        let uuid = match id {
+            Ok(uuid) => uuid,
+            Err(msg) => {
+                if msg.starts_with("closed: newer") {
+                    tracing::debug!("{msg}");
+                } else {
+                    warn!("{msg}");
+                }
+                drop(ticket);
+                admission::close(&mut reader, &mut writer, true, write_timeout, admission::SHORT_LINGER).await;
+                return None;
+            }
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            warn!(call_id = %uuid, max_calls = server.max_calls, "server.max_calls calls live: playing the busy prompt and hanging up");
+            // The dialplan's call-end step reads AVA_ACTION=busy and may try another host.
+            self.shared
+                .directory
+                .set_decision(uuid, crate::directory::Decision::Busy);
+            let busy = self.shared.engines.tts.get_cached(&self.shared.cfg.call.busy, 8000);
+            let stop = ticket.evicted.clone();
+            let mut shutdown = self.stop.clone();
+            let busy_call = async {
+                match busy {
+                    Some(samples) => {
+                        admission::play_busy(&mut reader, &mut writer, &samples, write_timeout, &stop).await
+                    }
+                    None => {
+                        admission::close(&mut reader, &mut writer, true, write_timeout, admission::LINGER).await;
+                    }
+                }
+            };
+            let interrupted = tokio::select! {
+                _ = busy_call => false,
+                _ = shutdown.changed() => true,
+            };
+            if interrupted {
+                admission::close(&mut reader, &mut writer, true, write_timeout, admission::SHORT_LINGER).await;
+            }
+            drop(ticket);
+            return None;
+        };
+        drop(ticket);
+        let call = self.live.register(uuid);
+        let end = call::answer(
+            uuid,
+            call.label.clone(),
+            reader,
+            writer,
+            self.shared.clone(),
+            self.stop.clone(),
+        )
+        .await;
+        drop(call);
+        drop(slot);
+        Some(end)
+    }
 }
 
 async fn shutdown_signal() {

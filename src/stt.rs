@@ -5,6 +5,7 @@
 use crate::audio::StreamResampler;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -50,9 +51,13 @@ impl SttEngine {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
         let (model, rate) = (self.model.clone(), self.sample_rate as f32);
+        let live = crate::engines::WorkerThread::enter();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let queued_in_thread = queued.clone();
         std::thread::Builder::new()
             .name(format!("stt-{}", &call_id[..8.min(call_id.len())]))
             .spawn(move || {
+                let _live = live;
                 crate::engines::lower_thread_priority();
                 // Created here, not on the caller's (async) thread: with a large model this
                 // takes tens of ms, which would stall other calls' audio pacing.
@@ -65,6 +70,7 @@ impl SttEngine {
                 for cmd in cmd_rx {
                     match cmd {
                         Command::Audio(samples) => {
+                            queued_in_thread.fetch_sub(samples.len(), Ordering::Relaxed);
                             buf.clear();
                             resampler.push(&samples, &mut buf);
                             if let Ok(vosk::DecodingState::Finalized) = rec.accept_waveform(&buf) {
@@ -93,7 +99,15 @@ impl SttEngine {
                     }
                 }
             })?;
-        Ok((SttStream { tx: cmd_tx }, res_rx))
+        Ok((
+            SttStream {
+                tx: cmd_tx,
+                queued,
+                max_queued: MAX_QUEUED_SECONDS * call_rate_hz as usize,
+                dropping: false,
+            },
+            res_rx,
+        ))
     }
 }
 
@@ -130,14 +144,55 @@ pub struct SttResult {
     pub finish_ms: u64,
 }
 
+/// Caller audio queued for one recognizer and not yet decoded is capped at this many seconds
+/// (audio arriving faster than Vosk decodes it, e.g. a peer sending faster than real time);
+/// beyond it new audio is dropped with a warning.
+pub const MAX_QUEUED_SECONDS: usize = 5;
+
 /// One call's recognizer. Dropping it stops its thread.
 pub struct SttStream {
     tx: std_mpsc::Sender<Command>,
+    /// Samples sent to the thread and not yet decoded.
+    queued: Arc<AtomicUsize>,
+    /// [`MAX_QUEUED_SECONDS`] at the call's rate, in samples.
+    max_queued: usize,
+    /// Audio is being dropped (logged once per overflow).
+    dropping: bool,
 }
 
 impl SttStream {
-    /// Feeds caller audio (samples at the call's rate). Non-blocking.
-    pub fn audio(&self, samples: Vec<i16>) {
+    /// A stream with no recognizer behind it (nothing is decoded, no result ever comes), for a
+    /// call whose first audio frame has not arrived yet; see [`SttEngine::start_stream`].
+    pub fn detached() -> (SttStream, mpsc::UnboundedReceiver<SttResult>) {
+        let (tx, _) = std_mpsc::channel();
+        let (_, rx) = mpsc::unbounded_channel();
+        (
+            SttStream {
+                tx,
+                queued: Arc::new(AtomicUsize::new(0)),
+                max_queued: usize::MAX,
+                dropping: false,
+            },
+            rx,
+        )
+    }
+
+    /// Feeds caller audio (samples at the call's rate). Non-blocking; drops the audio (and
+    /// logs once) while more than [`MAX_QUEUED_SECONDS`] of audio wait for the recognizer.
+    pub fn audio(&mut self, samples: Vec<i16>) {
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued + samples.len() > self.max_queued {
+            if !self.dropping {
+                self.dropping = true;
+                tracing::warn!(
+                    queued_samples = queued,
+                    "caller audio arrives faster than STT decodes it: dropping audio beyond {MAX_QUEUED_SECONDS} s"
+                );
+            }
+            return;
+        }
+        self.dropping = false;
+        self.queued.fetch_add(samples.len(), Ordering::Relaxed);
         let _ = self.tx.send(Command::Audio(samples));
     }
 

@@ -88,7 +88,9 @@ impl TtsEngine {
             .context("test synthesis failed")?;
 
         let (tx, rx) = std_mpsc::channel::<Job>();
+        let live = crate::engines::WorkerThread::enter();
         std::thread::Builder::new().name("tts".into()).spawn(move || {
+            let _live = live;
             crate::engines::lower_thread_priority();
             for job in rx {
                 let started = Instant::now();

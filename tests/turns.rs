@@ -368,8 +368,11 @@ fn call_limits_end_politely() {
 #[test]
 fn agi_hands_caller_info_in_and_the_decision_out() {
     let _g = serial();
-    let server =
-        Server::start("[actions.transfer]\noperator = \"PJSIP/100\"\n[actions.dtmf]\n\"1\" = \"transfer:operator\"\n");
+    // Caller details are logged at DEBUG only (issue 7).
+    let server = Server::start_with_log(
+        "[actions.transfer]\noperator = \"PJSIP/100\"\n[actions.dtmf]\n\"1\" = \"transfer:operator\"\n",
+        "info,ort=warn,asterisk_voice_agent=debug",
+    );
     // Before AudioSocket(): the dialplan's call-start step, keyed by the UUID the capture uses.
     let uuid = "e140b8a6-4847-44f0-a0d1-6e4a8f3df010";
     let vars = agi_session(&server.agi_addr, "call-start", &[uuid], "5551234", "500");
@@ -383,7 +386,7 @@ fn agi_hands_caller_info_in_and_the_decision_out() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("call started") && l.contains("caller_id=5551234") && l.contains("dnid=500")),
+            .any(|l| l.contains("caller details") && l.contains("caller_id=5551234") && l.contains("dnid=500")),
         "{lines:#?}"
     );
     // After AudioSocket() returns: the call-end step reads the decision.

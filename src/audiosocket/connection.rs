@@ -70,6 +70,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
     }
+
+    /// Reads and discards everything until the peer's FIN (EOF) or `within`, whichever comes
+    /// first; returns true on EOF. Used when closing: a socket closed with unread bytes in its
+    /// receive buffer sends a reset instead of a FIN. Memory stays at the reader's buffer.
+    pub async fn drain(&mut self, within: std::time::Duration) -> bool {
+        let drain = async {
+            loop {
+                self.buffer.clear();
+                match self.stream.read_buf(&mut self.buffer).await {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+        };
+        let eof = tokio::time::timeout(within, drain).await.unwrap_or(false);
+        self.buffer.clear();
+        eof
+    }
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {

@@ -135,6 +135,38 @@ conversation_log = "{log}"
     )
 }
 
+/// Appends the TOML `extra` to `base`, moving the keys of a `[section]` that `base` already has
+/// (e.g. `[server]`, `[agi]`) under that section's header, since TOML forbids opening it twice.
+pub fn merge_sections(base: &str, extra: &str) -> String {
+    let mut out = base.to_string();
+    let mut rest = String::new();
+    let mut target: Option<String> = None;
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            target = Some(t.to_string()).filter(|h| out.lines().any(|l| l.trim() == h));
+            if target.is_none() {
+                rest.push_str(line);
+                rest.push('\n');
+            }
+            continue;
+        }
+        match &target {
+            Some(h) => {
+                let at = out.find(&format!("{h}\n")).unwrap() + h.len() + 1;
+                out.insert_str(at, &format!("{line}\n"));
+            }
+            None => {
+                rest.push_str(line);
+                rest.push('\n');
+            }
+        }
+    }
+    out.push('\n');
+    out.push_str(&rest);
+    out
+}
+
 /// [`test_config_with`] with nothing extra under `[models]`.
 pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
     test_config_with(port, dir, "", extra)
@@ -154,15 +186,20 @@ pub struct Server {
 impl Server {
     /// Starts `serve` with the test models and waits until it is ready.
     pub fn start(extra_config: &str) -> Server {
+        Server::start_with_log(extra_config, "info,ort=warn")
+    }
+
+    /// [`Server::start`] with the service log filter `AVA_LOG` (e.g. to see DEBUG lines).
+    pub fn start_with_log(extra_config: &str, filter: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, test_config(port, dir.path(), extra_config)).unwrap();
+        std::fs::write(&cfg, merge_sections(&test_config(port, dir.path(), ""), extra_config)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&cfg)
-            .env("AVA_LOG", "info,ort=warn")
+            .env("AVA_LOG", filter)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -186,6 +223,22 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         s
+    }
+
+    /// Waits (at most `secs`) for the process to exit on its own; returns its status.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "serve still running {secs} s later:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The server's process id.

@@ -1,0 +1,121 @@
+//! Soak benchmark (issue 7): simulated calls two at a time against the real `serve` with the
+//! test models for `SOAK_MINUTES` (default 30), printing the server's RSS, threads and open
+//! fds every minute, and at the end the slope per call after warm-up (the first minute). RSS
+//! should stay flat: a slope near 0 KiB per call. Not a test: it asserts nothing.
+//!
+//! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
+//! shorter run. On a shared machine wrap it in `flock /tmp/ava-bench.lock`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+fn status(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// Least-squares slope of y over x.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if den == 0.0 {
+        f64::NAN
+    } else {
+        num / den
+    }
+}
+
+fn main() {
+    let minutes: u64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(30);
+    let wavs = ["book_appointment.8k.wav", "opening_hours.8k.wav", "confirm_yes.8k.wav"]
+        .map(|n| audio(n).display().to_string());
+    println!("soak: {minutes} min of calls 2 at a time (test tier), one row per minute");
+    let server = Server::start("");
+    let pid = server.pid();
+    std::thread::sleep(Duration::from_millis(500));
+    println!(
+        "idle: RSS {} MiB, threads {}, fds {}",
+        status(pid, "VmRSS:") / 1024,
+        status(pid, "Threads:"),
+        fds(pid)
+    );
+    println!(
+        "{:>4} {:>6} {:>9} {:>8} {:>5} {:>8}",
+        "min", "calls", "RSS_MiB", "threads", "fds", "no_reply"
+    );
+    let calls = AtomicUsize::new(0);
+    let missing = AtomicUsize::new(0);
+    let end = Instant::now() + Duration::from_secs(minutes * 60);
+    let mut rows: Vec<(f64, f64, f64, f64)> = Vec::new(); // calls, rss KiB, threads, fds
+    std::thread::scope(|s| {
+        for lane in 0..2 {
+            let (server, calls, missing, wavs) = (&server, &calls, &missing, &wavs);
+            s.spawn(move || {
+                let mut i = lane;
+                while Instant::now() < end {
+                    let w = &wavs[i % wavs.len()];
+                    i += 1;
+                    let r = server.simulate(&["--wav", w]);
+                    if r["turns"][0]["voice_to_voice_ms"].is_null() {
+                        missing.fetch_add(1, Ordering::Relaxed);
+                    }
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for m in 1..=minutes {
+            let wake = end - Duration::from_secs((minutes - m) * 60);
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            let row = (
+                calls.load(Ordering::Relaxed) as f64,
+                status(pid, "VmRSS:") as f64,
+                status(pid, "Threads:") as f64,
+                fds(pid) as f64,
+            );
+            println!(
+                "{m:>4} {:>6} {:>9.1} {:>8} {:>5} {:>8}",
+                row.0,
+                row.1 / 1024.0,
+                row.2,
+                row.3,
+                missing.load(Ordering::Relaxed)
+            );
+            rows.push(row);
+        }
+    });
+    // After warm-up: the first minute's row is the baseline.
+    let warm: Vec<_> = rows.iter().skip(1).collect();
+    let per = |f: fn(&(f64, f64, f64, f64)) -> f64| slope(&warm.iter().map(|r| (r.0, f(r))).collect::<Vec<_>>());
+    println!(
+        "slope per call after warm-up: RSS {:+.2} KiB, threads {:+.4}, fds {:+.4} ({} calls, {} without a reply)",
+        per(|r| r.1),
+        per(|r| r.2),
+        per(|r| r.3),
+        calls.load(Ordering::Relaxed),
+        missing.load(Ordering::Relaxed)
+    );
+    println!(
+        "peak RSS (VmHWM): {} MiB; figures from a shared 2-core machine when run there",
+        status(pid, "VmHWM:") / 1024
+    );
+}
