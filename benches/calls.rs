@@ -114,9 +114,30 @@ fn main() {
             pct(&mut v2v, 0.5),
             pct(&mut v2v, 0.95)
         );
+        // issue 8: end of speech -> turn decided (Smart Turn or the timer), the turn model's
+        // inference time and the speculative replies, from the logs.
+        let mut decided = stage("turn_decided_ms");
         println!(
-            "  of which endpointing silence (vad.end_silence_ms): {} ms",
-            asterisk_voice_agent::config::VadConfig::default().end_silence_ms
+            "  end of caller speech -> turn decided (turn_decided_ms, [turn] mode {:?}): p50 {:.0} ms, p95 {:.0} ms",
+            asterisk_voice_agent::config::TurnConfig::default().mode,
+            pct(&mut decided, 0.5),
+            pct(&mut decided, 0.95)
+        );
+        let log = server.log();
+        let mut infer: Vec<f64> = log
+            .lines()
+            .filter(|l| l.contains("turn model verdict"))
+            .filter_map(|l| l.split("inference_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        let spec = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+        println!(
+            "  Smart Turn: {} inferences, p50 {:.0} ms, p95 {:.0} ms; speculative replies committed {}, dropped {}; replies prepared in the pause {}",
+            infer.len(),
+            pct(&mut infer, 0.5),
+            pct(&mut infer, 0.95),
+            spec("speculative reply committed"),
+            spec("speculative reply dropped"),
+            agent.iter().filter(|e| e["speculative"] == true).count()
         );
         println!(
             "  Vosk final decode after the endpoint (stt_final_ms): p50 {:.0} ms, p95 {:.0} ms",

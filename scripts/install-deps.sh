@@ -89,3 +89,4 @@ unzip_member "$SPEECH_WHL" moonshine_voice/assets/beckett.wav "$MIRROR/speech/be
 unzip_member "$SPEECH_WHL" moonshine_voice/assets/two_cities.wav "$MIRROR/speech/two_cities.wav"
 
 log "ok: native libs in $LIB_DIR, test models in $MIRROR"
+"$(dirname "${BASH_SOURCE[0]}")/deps-turns.sh"   # issue 8: Silero VAD, Smart Turn, endgame_nagg_nell.wav

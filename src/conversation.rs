@@ -31,6 +31,14 @@ pub struct TurnTimings {
     pub llm_first_token_ms: Option<u64>,
     /// From the final text to the first synthesized reply audio being queued for playout.
     pub tts_first_audio_ms: Option<u64>,
+    /// From the caller's last voiced frame to the end of the turn being decided (the silence
+    /// the turn model or the silence timer waited), ms (issue 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub turn_decided_ms: Option<u64>,
+    /// The reply was prepared during the pause (speculative) and committed: its LLM and TTS
+    /// figures count from its commit, 0 when it was already ready (issue 8).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub speculative: bool,
 }
 
 /// One line of the log.

@@ -25,6 +25,10 @@ pub struct Engines {
     pub fallback_llm: Option<Arc<LlmEngine>>,
     /// A second Piper voice for when synthesis fails (`[call] fallback_voice`).
     pub fallback_tts: Option<Arc<TtsEngine>>,
+    /// The Smart Turn end-of-turn model, loaded when `turn.mode = "smart"` (issue 8).
+    pub turn: Option<Arc<crate::smart_turn::SmartTurn>>,
+    /// Silero VAD, loaded when `vad.engine = "silero"` (issue 8).
+    pub vad: Option<Arc<crate::silero::SileroModel>>,
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10) so the threads that pace audio
@@ -225,6 +229,27 @@ impl Engines {
             }
             None => None,
         };
+        // Smart Turn, after ONNX Runtime was initialized by the voice.
+        let turn = match cfg.turn.mode {
+            crate::config::TurnMode::Smart => {
+                let p = pick_onnx_model(cfg, &manifest, crate::models::ModelKind::Turn)?;
+                check_readable(&p, "Smart Turn model", false)?;
+                let e = timed("turn", || crate::smart_turn::SmartTurn::load(&p, &paths.onnxruntime))
+                    .with_context(|| format!("loading Smart Turn model {}", p.display()))?;
+                Some(Arc::new(e))
+            }
+            crate::config::TurnMode::Silence => None,
+        };
+        let vad = match cfg.vad.engine {
+            crate::config::VadEngine::Silero => {
+                let p = pick_onnx_model(cfg, &manifest, crate::models::ModelKind::Vad)?;
+                check_readable(&p, "Silero VAD model", false)?;
+                let e = timed("vad", || crate::silero::SileroModel::load(&p, &paths.onnxruntime))
+                    .with_context(|| format!("loading Silero VAD model {}", p.display()))?;
+                Some(Arc::new(e))
+            }
+            crate::config::VadEngine::Earshot => None,
+        };
         let fallback_tts = match &cfg.call.fallback_voice {
             Some(p) => {
                 check_readable(p, "fallback Piper voice", false)?;
@@ -248,10 +273,32 @@ impl Engines {
             tts: Arc::new(tts),
             fallback_llm,
             fallback_tts,
+            turn,
+            vad,
         })
     }
 }
 
+/// The `.onnx` of the Smart Turn (`kind` turn) or Silero VAD (`kind` vad) model: `[models] turn`
+/// / `[models] vad`, else the manifest's model of that kind.
+fn pick_onnx_model(cfg: &Config, manifest: &Result<Manifest>, kind: crate::models::ModelKind) -> Result<PathBuf> {
+    let (explicit, why) = match kind {
+        crate::models::ModelKind::Turn => (&cfg.models.turn, "turn.mode is \"smart\" (or set [turn] mode = \"silence\")"),
+        _ => (&cfg.models.vad, "vad.engine is \"silero\" (or set [vad] engine = \"earshot\")"),
+    };
+    if let Some(p) = explicit {
+        return Ok(p.clone());
+    }
+    match manifest {
+        Ok(m) => m.path_for(kind).ok_or_else(|| {
+            anyhow!(
+                "{why}, but the manifest in {} names no {kind} model: run `asterisk-voice-agent model-setup` (or set [models] {kind})",
+                cfg.models.dir.display()
+            )
+        }),
+        Err(e) => Err(anyhow!("{why}, but there is no [models] {kind} path in the config and {e:#}")),
+    }
+}
 fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let t = Instant::now();
     let r = f();

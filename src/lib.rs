@@ -19,9 +19,12 @@ pub mod events;
 pub mod llm;
 pub mod models;
 pub mod server;
+pub mod silero;
 pub mod simulate;
+pub mod smart_turn;
 pub mod stt;
 pub mod tts;
+pub mod turn;
 pub mod vad;
 // issue 7: bounded under bad input, load and faults
 pub mod admission;

@@ -92,6 +92,17 @@ impl SttEngine {
                                 break;
                             }
                         }
+                        Command::SoFar(reply) => {
+                            // Finalize what was heard up to the pause and keep it: the rest of
+                            // the utterance (if the caller goes on) is appended, as after
+                            // Vosk's own endpoint above.
+                            buf.clear();
+                            resampler.flush(&mut buf);
+                            let _ = rec.accept_waveform(&buf);
+                            push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
+                            rec.reset();
+                            let _ = reply.send(text.clone());
+                        }
                         Command::Discard => {
                             rec.reset();
                             text.clear();
@@ -131,6 +142,7 @@ fn push_words(text: &mut String, words: &str) {
 enum Command {
     Audio(Vec<i16>),
     Finish(Instant),
+    SoFar(tokio::sync::oneshot::Sender<String>),
     Discard,
 }
 
@@ -199,6 +211,15 @@ impl SttStream {
     /// Ends the current utterance; its [`SttResult`] arrives on the result channel.
     pub fn finish(&self) {
         let _ = self.tx.send(Command::Finish(Instant::now()));
+    }
+
+    /// The text of the current utterance so far, at a pause (issue 8: the speculative reply
+    /// starts from it). The audio up to now is finalized and kept, not dropped: the
+    /// utterance's final text ([`Self::finish`]) is this text plus whatever follows.
+    pub fn text_so_far(&self) -> tokio::sync::oneshot::Receiver<String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Command::SoFar(tx));
+        rx
     }
 
     /// Drops the current utterance's audio without a result.

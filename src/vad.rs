@@ -104,6 +104,8 @@ pub struct FrameScorer {
     scratch: Vec<i16>,
     /// The last `PITCH_WINDOW + PITCH_MAX_LAG` samples at 8 kHz, for [`voicing`].
     pitch: Vec<f32>,
+    /// Silero VAD at the input rate, whose probability replaces earshot's score (issue 8).
+    silero: Option<crate::silero::SileroStream>,
 }
 
 impl std::fmt::Debug for FrameScorer {
@@ -130,6 +132,16 @@ impl FrameScorer {
             pending: Vec::with_capacity(4 * FRAME_SAMPLES),
             scratch: Vec::with_capacity(4 * FRAME_SAMPLES),
             pitch: Vec::with_capacity(PITCH_WINDOW + PITCH_MAX_LAG + FRAME_SAMPLES),
+            silero: None,
+        }
+    }
+
+    /// A scorer whose `score` is Silero VAD's speech probability (run at the input rate: 8 or
+    /// 16 kHz natively) instead of earshot's; level and periodicity are computed as before.
+    pub fn with_silero(model: std::sync::Arc<crate::silero::SileroModel>) -> FrameScorer {
+        FrameScorer {
+            silero: Some(crate::silero::SileroStream::new(model)),
+            ..FrameScorer::new()
         }
     }
 
@@ -155,6 +167,9 @@ impl FrameScorer {
                 }
             }
         }
+        if let Some(s) = self.silero.as_mut() {
+            s.push(samples, rate_hz);
+        }
         let (_, r) = self.resampler.as_mut().expect("set above");
         self.scratch.clear();
         r.push(samples, &mut self.scratch);
@@ -168,7 +183,10 @@ impl FrameScorer {
         }
         let frame = &self.pending[..FRAME_SAMPLES];
         let dbfs = rms_dbfs(frame);
-        let score = self.detector.predict_i16(frame);
+        let score = match &self.silero {
+            Some(s) => s.probability(),
+            None => self.detector.predict_i16(frame),
+        };
         self.pitch
             .extend(frame.chunks_exact(2).map(|p| (p[0] as f32 + p[1] as f32) * 0.5));
         let keep = PITCH_WINDOW + PITCH_MAX_LAG;
@@ -230,11 +248,21 @@ pub struct Vad {
 }
 
 impl Vad {
-    /// A detector with the config's thresholds.
+    /// A detector with the config's thresholds (earshot scores the frames).
     pub fn new(cfg: &VadConfig) -> Vad {
+        Vad::with_scorer(cfg, FrameScorer::new(), cfg.speech_threshold)
+    }
+
+    /// A detector whose frames Silero VAD scores (`vad.engine = "silero"`), with
+    /// `vad.silero_threshold` and the same gates and timers.
+    pub fn with_silero(cfg: &VadConfig, model: std::sync::Arc<crate::silero::SileroModel>) -> Vad {
+        Vad::with_scorer(cfg, FrameScorer::with_silero(model), cfg.silero_threshold)
+    }
+
+    fn with_scorer(cfg: &VadConfig, scorer: FrameScorer, threshold: f32) -> Vad {
         Vad {
-            scorer: FrameScorer::new(),
-            threshold: cfg.speech_threshold,
+            scorer,
+            threshold,
             floor_dbfs: cfg.energy_floor_dbfs,
             voicing_threshold: cfg.voicing_threshold,
             min_speech_ms: cfg.min_speech_ms,
@@ -256,6 +284,18 @@ impl Vad {
     /// True between a `SpeechStart` and the next `SpeechEnd`.
     pub fn in_speech(&self) -> bool {
         self.in_speech
+    }
+
+    /// Ends the current utterance now, as if its end-of-silence timer had run out: the turn
+    /// model decided the caller's turn is over (issue 8). Returns false when no utterance was
+    /// open.
+    pub fn end_now(&mut self) -> bool {
+        if !self.in_speech {
+            return false;
+        }
+        self.in_speech = false;
+        self.silence_ms = 0;
+        true
     }
 
     /// Milliseconds of non-speech since the last voiced frame of the current utterance.

@@ -131,6 +131,8 @@ pub fn run(cfg: &Config, models_dir: &Path, verify_hashes: bool) -> DoctorReport
         (ModelKind::Stt, &cfg.models.stt),
         (ModelKind::Llm, &cfg.models.llm),
         (ModelKind::Tts, &cfg.models.tts),
+        (ModelKind::Vad, &cfg.models.vad),
+        (ModelKind::Turn, &cfg.models.turn),
     ] {
         if let Some(p) = p {
             if p.exists() {
@@ -189,6 +191,8 @@ fn check_models(m: &Manifest, cfg: &Config, verify: bool, reinstall: &str, check
             ModelKind::Stt => cfg.models.stt.is_some(),
             ModelKind::Llm => cfg.models.llm.is_some(),
             ModelKind::Tts => cfg.models.tts.is_some(),
+            ModelKind::Vad => cfg.models.vad.is_some(),
+            ModelKind::Turn => cfg.models.turn.is_some(),
         };
         let Some(im) = m.models.get(&kind) else {
             if !overridden {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The three kinds of model a call uses.
+/// The kinds of model a call uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -28,11 +28,21 @@ pub enum ModelKind {
     Llm,
     /// Text to speech (a Piper voice: `.onnx` + `.onnx.json`).
     Tts,
+    /// Voice activity detection (Silero VAD, one `.onnx`; issue 8).
+    Vad,
+    /// End-of-turn detection (Smart Turn, one `.onnx`; issue 8).
+    Turn,
 }
 
 impl ModelKind {
     /// All kinds, in call order.
-    pub const ALL: [ModelKind; 3] = [ModelKind::Stt, ModelKind::Llm, ModelKind::Tts];
+    pub const ALL: [ModelKind; 5] = [
+        ModelKind::Stt,
+        ModelKind::Llm,
+        ModelKind::Tts,
+        ModelKind::Vad,
+        ModelKind::Turn,
+    ];
 }
 
 impl std::fmt::Display for ModelKind {
@@ -41,6 +51,8 @@ impl std::fmt::Display for ModelKind {
             ModelKind::Stt => "stt",
             ModelKind::Llm => "llm",
             ModelKind::Tts => "tts",
+            ModelKind::Vad => "vad",
+            ModelKind::Turn => "turn",
         })
     }
 }

@@ -176,6 +176,10 @@ pub struct LanguageModels {
     pub llm: String,
     /// TTS model id.
     pub tts: String,
+    /// VAD model id (Silero VAD).
+    pub vad: String,
+    /// End-of-turn model id (Smart Turn).
+    pub turn: String,
 }
 
 impl LanguageModels {
@@ -185,6 +189,8 @@ impl LanguageModels {
             ModelKind::Stt => &self.stt,
             ModelKind::Llm => &self.llm,
             ModelKind::Tts => &self.tts,
+            ModelKind::Vad => &self.vad,
+            ModelKind::Turn => &self.turn,
         }
     }
 }

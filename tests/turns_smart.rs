@@ -1,0 +1,210 @@
+//! End of turn with Smart Turn and the reply prepared during the pause (issue 8), over real
+//! sockets with the real binary and the real test models: a caller who pauses mid-sentence is
+//! not answered until they finish; a finished question is answered sooner than with the fixed
+//! silence timer; an abandoned speculative reply leaves no trace in the conversation log, and
+//! the LLM's KV cache is rolled back to the committed history.
+
+mod common;
+
+use asterisk_voice_agent::config::AgentConfig;
+use asterisk_voice_agent::llm::{LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role, TurnStats};
+use common::{audio, read_wav, serial, Server};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+fn write_wav(path: &Path, samples: &[i16]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for s in samples {
+        w.write_sample(*s).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// `book_appointment.8k.wav` ("hello I would like to book an appointment for tomorrow") with
+/// `gap_ms` of silence inserted at its quietest 20 ms frame between 35% and 65% of its speech:
+/// a pause in the middle of the sentence.
+fn paused_sentence(dir: &Path, gap_ms: usize) -> PathBuf {
+    let (rate, s) = read_wav(&audio("book_appointment.8k.wav"));
+    assert_eq!(rate, 8000);
+    let db: Vec<f32> = s.chunks(160).map(asterisk_voice_agent::audio::rms_dbfs).collect();
+    let voiced: Vec<usize> = (0..db.len()).filter(|&i| db[i] > -40.0).collect();
+    let (first, last) = (voiced[0], *voiced.last().unwrap());
+    let (lo, hi) = (first + (last - first) * 35 / 100, first + (last - first) * 65 / 100);
+    let cut = (lo..hi).min_by(|&a, &b| db[a].partial_cmp(&db[b]).unwrap()).unwrap();
+    let mut out = s[..cut * 160].to_vec();
+    out.extend(std::iter::repeat_n(0i16, gap_ms * 8));
+    out.extend_from_slice(&s[cut * 160..]);
+    let p = dir.join(format!("paused_{gap_ms}.8k.wav"));
+    write_wav(&p, &out);
+    p
+}
+
+fn entries(server: &Server, call_id: &str) -> Vec<Value> {
+    server
+        .conversation()
+        .into_iter()
+        .filter(|e| e["call_id"] == call_id)
+        .collect()
+}
+
+/// A caller who pauses 600 ms in the middle of a sentence is heard as one turn: one caller
+/// entry with the whole sentence and one reply, started after the end. The reply prepared
+/// during the pause (if any) was dropped without a trace.
+#[test]
+fn mid_sentence_pause_is_not_taken_for_the_end_of_the_turn() {
+    let _g = serial();
+    let server = Server::start("");
+    let wav = paused_sentence(server.dir.path(), 600);
+    let r = server.simulate(&["--wav", wav.to_str().unwrap()]);
+    let call_id = r["call_id"].as_str().unwrap().to_string();
+    let v2v = r["turns"][0]["voice_to_voice_ms"].as_f64();
+    assert!(v2v.is_some_and(|ms| ms > 0.0), "no reply after the sentence: {r}");
+    server.wait_call_line(&call_id, "call ended", 10);
+    let e = entries(&server, &call_id);
+    let callers: Vec<&Value> = e.iter().filter(|x| x["speaker"] == "caller").collect();
+    let replies: Vec<&Value> = e
+        .iter()
+        .filter(|x| x["speaker"] == "agent" && x.get("prompt").is_none() && x.get("stt_final_ms").is_some())
+        .collect();
+    assert_eq!(callers.len(), 1, "the pause split the turn: {e:#?}\n{}", server.log());
+    assert_eq!(replies.len(), 1, "{e:#?}");
+    // A reply was prepared during the pause and dropped when the caller went on: it left no
+    // entry (one caller entry, one reply) and the reply answers the whole sentence.
+    let lines = server.call_lines(&call_id);
+    assert!(
+        lines.iter().any(|l| l.contains("speculative reply dropped")),
+        "no speculative reply was dropped at the pause:\n{}",
+        lines.join("\n")
+    );
+    let reply = &replies[0];
+    assert!(reply["turn_decided_ms"].as_u64().is_some(), "{reply}");
+}
+
+/// A finished question is answered sooner in smart mode than with the 800 ms silence timer.
+#[test]
+fn finished_question_is_answered_sooner_than_with_the_timer() {
+    let _g = serial();
+    let mut v2v = Vec::new();
+    for mode in ["silence", "smart"] {
+        let server = Server::start(&format!("\n[turn]\nmode = \"{mode}\"\n"));
+        let wav = audio("opening_hours.8k.wav");
+        let w = wav.to_str().unwrap();
+        let r = server.simulate(&["--wav", w, "--wav", w]);
+        let ms: Vec<f64> = r["turns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["voice_to_voice_ms"].as_f64().expect("a reply"))
+            .collect();
+        let call_id = r["call_id"].as_str().unwrap().to_string();
+        let lines = server.wait_call_line(&call_id, "call ended", 10);
+        if mode == "smart" {
+            assert!(
+                lines.iter().any(|l| l.contains("the turn model says the caller has finished")),
+                "the model never ended a turn:\n{}",
+                lines.join("\n")
+            );
+        }
+        v2v.push((mode, ms));
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let (silence, smart) = (best(&v2v[0].1), best(&v2v[1].1));
+    eprintln!("voice-to-voice ms: {v2v:?}");
+    assert!(
+        smart + 200.0 < silence,
+        "smart mode ({smart:.0} ms) should answer at least 200 ms sooner than the timer ({silence:.0} ms)"
+    );
+}
+
+fn model_path() -> PathBuf {
+    common::models_dir().join("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Runs one generation to the end (or cancels it after `cancel_after` tokens).
+fn generate(s: &LlmSession, messages: Vec<Message>, cancel_after: Option<usize>) -> (String, Option<TurnStats>) {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut rx = s.generate(messages, 40, cancel.clone());
+    let mut text = String::new();
+    let mut n = 0;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            LlmEvent::Token(t) => {
+                text.push_str(&t);
+                n += 1;
+                if cancel_after.is_some_and(|c| n >= c) {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            LlmEvent::Done(st) => return (text, Some(st)),
+            LlmEvent::Error(e) => panic!("LLM error: {e}"),
+            LlmEvent::Action(_) => {}
+        }
+    }
+    (text, None)
+}
+
+/// KV rollback: after a speculative reply is abandoned (cancelled mid-generation), the next
+/// generation from the committed history gives exactly what a fresh context gives, and only
+/// the tokens after the common prefix are evaluated again: nothing of the abandoned reply
+/// stays in the cache.
+#[test]
+fn abandoned_speculative_reply_leaves_nothing_in_the_llm_context() {
+    let _g = serial();
+    let engine = Arc::new(
+        LlmEngine::load(
+            &model_path(),
+            LlmSettings {
+                threads: 2,
+                context: 2048,
+                temperature: 0.0,
+                seed: 42,
+            },
+        )
+        .unwrap(),
+    );
+    let agent = AgentConfig::default();
+    let history = vec![
+        Message {
+            role: Role::System,
+            text: agent.system_prompt.clone(),
+        },
+        Message {
+            role: Role::Assistant,
+            text: agent.greeting.clone(),
+        },
+    ];
+    let with = |caller: &str| {
+        let mut h = history.clone();
+        h.push(Message {
+            role: Role::User,
+            text: caller.into(),
+        });
+        h
+    };
+    let used = LlmSession::start(engine.clone(), "used").unwrap();
+    // The reply prepared during the pause, then abandoned: the caller went on.
+    let (spec, _) = generate(&used, with("I would like to book"), Some(6));
+    assert!(!spec.is_empty());
+    let (after, stats) = generate(&used, with("I would like to book a table for two"), None);
+    let stats = stats.unwrap();
+    let fresh = LlmSession::start(engine, "fresh").unwrap();
+    let (clean, fresh_stats) = generate(&fresh, with("I would like to book a table for two"), None);
+    let fresh_stats = fresh_stats.unwrap();
+    assert_eq!(after, clean, "the abandoned reply changed the next one");
+    assert_eq!(stats.prompt_tokens, fresh_stats.prompt_tokens);
+    // Only the part after the shared prefix (system prompt, greeting, "I would like to book")
+    // was evaluated; the abandoned reply's tokens were removed, not reused.
+    assert!(
+        stats.evaluated_tokens < fresh_stats.evaluated_tokens,
+        "{stats:?} vs {fresh_stats:?}"
+    );
+    assert!(stats.evaluated_tokens >= 4, "{stats:?}");
+}
