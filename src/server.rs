@@ -20,8 +20,9 @@ use tracing::{error, info, warn};
 /// # Errors
 /// If a model cannot be loaded, the conversation log cannot be opened or the address cannot
 /// be bound; each message names the file or address.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(mut cfg: Config) -> Result<()> {
     let started = Instant::now();
+    crate::engines::apply_tier_max_calls(&mut cfg);
     let listener = TcpListener::bind(cfg.server.audiosocket_listen)
         .await
         .with_context(|| {
@@ -74,6 +75,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "AudioSocket server ready"
     );
+    // issue 10: stop and join the LLM scheduler thread before the process exits.
+    let llm = shared.engines.llm.clone();
     serve(listener, shared, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -82,6 +85,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(agi) = agi {
         let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
     }
+    tokio::task::block_in_place(|| llm.shutdown());
     Ok(())
 }
 

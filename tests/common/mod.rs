@@ -154,10 +154,20 @@ pub struct Server {
 impl Server {
     /// Starts `serve` with the test models and waits until it is ready.
     pub fn start(extra_config: &str) -> Server {
+        Server::start_with("", extra_config)
+    }
+
+    /// issue 10: [`Server::start`] with `server_extra` (TOML keys) added under `[server]`.
+    pub fn start_with(server_extra: &str, extra_config: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, test_config(port, dir.path(), extra_config)).unwrap();
+        let text = test_config(port, dir.path(), extra_config).replacen(
+            "\n\n[agi]",
+            &format!("\n{server_extra}\n\n[agi]"),
+            1,
+        );
+        std::fs::write(&cfg, text).unwrap();
         let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
