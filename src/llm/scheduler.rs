@@ -64,7 +64,7 @@ pub struct SchedulerStats {
     pub shared_decodes: u64,
     /// Tokens decoded in all (prompt and generated).
     pub tokens: u64,
-    /// Sequences in use now.
+    /// Sequences held by live sessions now.
     pub sequences_in_use: usize,
 }
 
@@ -141,7 +141,9 @@ impl Scheduler {
 
     /// Figures since start.
     pub(crate) fn stats(&self) -> SchedulerStats {
-        self.stats.lock().unwrap().clone()
+        let mut st = self.stats.lock().unwrap().clone();
+        st.sequences_in_use = self.sequences - self.free.lock().unwrap().len();
+        st
     }
 
     /// Stops the thread and waits for it. Idempotent.
@@ -237,7 +239,6 @@ struct Job {
 /// One sequence of the shared context.
 #[derive(Default)]
 struct Slot {
-    open: bool,
     actions: Option<Arc<ActionSpec>>,
     /// Tokens whose keys and values are in this sequence's cache, in order.
     cached: Vec<LlamaToken>,
@@ -366,10 +367,7 @@ impl Sched<'_> {
     fn handle(&mut self, cmd: Cmd) -> bool {
         match cmd {
             Cmd::Open { seq, actions } => {
-                let slot = &mut self.slots[seq];
-                slot.open = true;
-                slot.actions = actions;
-                self.stats.lock().unwrap().sequences_in_use += 1;
+                self.slots[seq].actions = actions;
             }
             Cmd::Warm { seq, messages } => self.slots[seq].queue.push_back(Req::Warm(messages)),
             Cmd::Generate {
@@ -394,10 +392,6 @@ impl Sched<'_> {
                 slot.queue.clear();
                 slot.cached.clear();
                 slot.actions = None;
-                if slot.open {
-                    slot.open = false;
-                    self.stats.lock().unwrap().sequences_in_use -= 1;
-                }
                 let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             }
             Cmd::Shutdown => return false,
