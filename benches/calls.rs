@@ -78,7 +78,9 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
     .unwrap();
     let me = std::process::id();
     let before = status_kb(me, "VmRSS:");
-    let streams: Vec<_> = (0..k).map(|i| stt.start_stream(&format!("bench-{i}"), 8000).unwrap()).collect();
+    let streams: Vec<_> = (0..k)
+        .map(|i| stt.start_stream(&format!("bench-{i}"), 8000).unwrap())
+        .collect();
     for w in wavs {
         let (_, samples) = read_wav(std::path::Path::new(w));
         for (s, _) in &streams {
@@ -249,7 +251,11 @@ fn main() {
             stt_kb / 1024.0
         );
         let (tokens, busy_ms) = llm_tokens(&server.log());
-        let tps = if busy_ms > 0 { tokens as f64 * 1000.0 / busy_ms as f64 } else { f64::NAN };
+        let tps = if busy_ms > 0 {
+            tokens as f64 * 1000.0 / busy_ms as f64
+        } else {
+            f64::NAN
+        };
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
         summary.push(format!(
             "{n} call(s) {sched:>9}: transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 {:.2} ms, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",

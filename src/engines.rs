@@ -161,7 +161,11 @@ impl Engines {
         // cost nothing until then (a shared one would hold max_calls KV sequences from start).
         let fallback_llm_settings = LlmSettings {
             scheduler: crate::config::LlmScheduler::PerCall,
-            threads: cfg.llm.threads.or_else(|| tier.and_then(Manifest::llm_threads)).unwrap_or(2),
+            threads: cfg
+                .llm
+                .threads
+                .or_else(|| tier.and_then(Manifest::llm_threads))
+                .unwrap_or(2),
             ..llm_settings.clone()
         };
         let fallback_tts_settings = tts_settings.clone();

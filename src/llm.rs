@@ -171,10 +171,7 @@ impl LlmEngine {
     /// turns end with an error, later requests fail at once. Idempotent; also done on drop.
     /// Per-call context threads end when their session is dropped (not joined).
     pub fn shutdown(&self) {
-        if let Backend::Local {
-            scheduler: Some(s), ..
-        } = &self.backend
-        {
+        if let Backend::Local { scheduler: Some(s), .. } = &self.backend {
             s.shutdown();
         }
     }
@@ -195,7 +192,12 @@ impl LocalModel {
     }
 
     /// Tokenizes the rendered chat.
-    fn tokenize(&self, messages: &[Message], add_assistant: bool, actions: Option<&ActionSpec>) -> Result<Vec<LlamaToken>> {
+    fn tokenize(
+        &self,
+        messages: &[Message],
+        add_assistant: bool,
+        actions: Option<&ActionSpec>,
+    ) -> Result<Vec<LlamaToken>> {
         let prompt = self.render(messages, add_assistant, actions)?;
         Ok(self.model.vocab().tokenize(prompt.as_bytes(), true, true))
     }
@@ -623,9 +625,7 @@ impl LlmSession {
         actions: Option<Arc<ActionSpec>>,
     ) -> Result<LlmSession> {
         let inner: Box<dyn LlmBackend> = match &engine.backend {
-            Backend::Local {
-                scheduler: Some(s), ..
-            } => Box::new(s.open(actions)?),
+            Backend::Local { scheduler: Some(s), .. } => Box::new(s.open(actions)?),
             Backend::Local { model, scheduler: None } => {
                 Box::new(PerCallSession::start(model.clone(), call_id, actions)?)
             }

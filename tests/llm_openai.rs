@@ -59,7 +59,10 @@ impl LlamaServer {
                 log.reopen().unwrap().read_to_string(&mut out).unwrap();
                 panic!("llama_cpp.server exited with {st}:\n{out}");
             }
-            assert!(t.elapsed() < Duration::from_secs(90), "llama_cpp.server not ready in 90 s");
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "llama_cpp.server not ready in 90 s"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         s
@@ -166,7 +169,9 @@ fn a_call_is_answered_through_an_openai_compatible_server() {
         .filter(|e| e["prompt"].is_null())
         .collect();
     assert!(!replies.is_empty(), "no generated reply in the conversation log");
-    assert!(replies.iter().all(|e| !e["text"].as_str().unwrap_or("").trim().is_empty()));
+    assert!(replies
+        .iter()
+        .all(|e| !e["text"].as_str().unwrap_or("").trim().is_empty()));
     let log = server.log();
     assert!(log.contains("LLM reply done"), "{log}");
     assert!(!log.contains("LLM attempt failed"), "{log}");
@@ -190,7 +195,10 @@ fn server_killed_mid_reply_falls_back_without_dead_air() {
     let id = r["call_id"].as_str().unwrap();
     let lines = server.wait_call_line(id, "call ended", 10);
     println!("{r}\n{lines:#?}");
-    assert!(llama.child.lock().unwrap().try_wait().unwrap().is_some(), "the server was not killed");
+    assert!(
+        llama.child.lock().unwrap().try_wait().unwrap().is_some(),
+        "the server was not killed"
+    );
     for t in r["turns"].as_array().unwrap() {
         assert!(t["voice_to_voice_ms"].as_f64().is_some(), "a turn got no answer: {r}");
     }

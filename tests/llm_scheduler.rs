@@ -105,7 +105,10 @@ fn concurrent_sessions_get_their_own_replies() {
     for (a, t) in alone.iter().zip(&together) {
         assert!(!a.trim().is_empty());
         let same = a.chars().zip(t.chars()).take_while(|(x, y)| x == y).count();
-        assert!(same >= 8, "a reply changed at once when generated alongside others: {a:?} vs {t:?}");
+        assert!(
+            same >= 8,
+            "a reply changed at once when generated alongside others: {a:?} vs {t:?}"
+        );
     }
     assert_ne!(together[0], together[1]);
     assert_ne!(together[1], together[2]);

@@ -210,7 +210,10 @@ async fn stream_reply(
     if !resp.status().is_success() {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        bail!("{url} answered {status}: {}", text.chars().take(200).collect::<String>());
+        bail!(
+            "{url} answered {status}: {}",
+            text.chars().take(200).collect::<String>()
+        );
     }
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -301,7 +304,11 @@ mod tests {
     #[test]
     fn unreachable_base_url_names_the_key() {
         // A port on loopback that nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let cfg = LlmConfig {
             backend: crate::config::LlmBackendKind::Openai,
             base_url: Some(format!("http://127.0.0.1:{port}/v1")),

@@ -36,7 +36,10 @@ pub const PROMPT_BUDGET: usize = 256;
 /// A request to the scheduler thread.
 enum Cmd {
     /// A session took sequence `seq`.
-    Open { seq: usize, actions: Option<Arc<ActionSpec>> },
+    Open {
+        seq: usize,
+        actions: Option<Arc<ActionSpec>>,
+    },
     /// Evaluate these messages into the sequence's cache.
     Warm { seq: usize, messages: Vec<Message> },
     /// Generate a reply.
@@ -174,7 +177,10 @@ pub(crate) struct SeqSession {
 
 impl LlmBackend for SeqSession {
     fn warm(&self, messages: Vec<Message>) {
-        let _ = self.tx.send(Cmd::Warm { seq: self.seq, messages });
+        let _ = self.tx.send(Cmd::Warm {
+            seq: self.seq,
+            messages,
+        });
     }
 
     fn generate(
@@ -288,7 +294,12 @@ fn run(
         }
     };
     let _ = ready.send(Ok(()));
-    tracing::info!(sequences, context = s.context, threads = s.threads, "LLM scheduler ready");
+    tracing::info!(
+        sequences,
+        context = s.context,
+        threads = s.threads,
+        "LLM scheduler ready"
+    );
     let mut sched = Sched {
         model,
         ctx,
@@ -445,33 +456,31 @@ impl Sched<'_> {
                 cancel,
                 out,
                 started,
-            } => {
-                match model.reply_prompt(messages, max_tokens, actions.as_deref(), n_ctx) {
-                    Ok((tokens, _)) if tokens.is_empty() => {
-                        let _ = out.send(LlmEvent::Error("the prompt has no tokens".into()));
-                        return;
-                    }
-                    Ok((tokens, max_tokens)) => {
-                        let reply = Reply {
-                            sampler: model.sampler(actions.as_deref()),
-                            stream: ReplyStream::new(actions.clone(), out),
-                            stats: TurnStats {
-                                prompt_tokens: tokens.len(),
-                                ..Default::default()
-                            },
-                            max_tokens,
-                            cancel,
-                            started,
-                            next: None,
-                        };
-                        (tokens, Some(reply))
-                    }
-                    Err(e) => {
-                        let _ = out.send(LlmEvent::Error(e));
-                        return;
-                    }
+            } => match model.reply_prompt(messages, max_tokens, actions.as_deref(), n_ctx) {
+                Ok((tokens, _)) if tokens.is_empty() => {
+                    let _ = out.send(LlmEvent::Error("the prompt has no tokens".into()));
+                    return;
                 }
-            }
+                Ok((tokens, max_tokens)) => {
+                    let reply = Reply {
+                        sampler: model.sampler(actions.as_deref()),
+                        stream: ReplyStream::new(actions.clone(), out),
+                        stats: TurnStats {
+                            prompt_tokens: tokens.len(),
+                            ..Default::default()
+                        },
+                        max_tokens,
+                        cancel,
+                        started,
+                        next: None,
+                    };
+                    (tokens, Some(reply))
+                }
+                Err(e) => {
+                    let _ = out.send(LlmEvent::Error(e));
+                    return;
+                }
+            },
         };
         let common = common_prefix(&slot.cached, &prompt);
         if common < slot.cached.len() {
@@ -611,9 +620,7 @@ impl super::LlmEngine {
     /// tokens, sequences in use); `None` for per-call contexts and the OpenAI backend.
     pub fn scheduler_stats(&self) -> Option<SchedulerStats> {
         match &self.backend {
-            super::Backend::Local {
-                scheduler: Some(s), ..
-            } => Some(s.stats()),
+            super::Backend::Local { scheduler: Some(s), .. } => Some(s.stats()),
             _ => None,
         }
     }

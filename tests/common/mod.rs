@@ -162,11 +162,8 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
-        let text = test_config(port, dir.path(), extra_config).replacen(
-            "\n\n[agi]",
-            &format!("\n{server_extra}\n\n[agi]"),
-            1,
-        );
+        let text =
+            test_config(port, dir.path(), extra_config).replacen("\n\n[agi]", &format!("\n{server_extra}\n\n[agi]"), 1);
         std::fs::write(&cfg, text).unwrap();
         let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(bin())
