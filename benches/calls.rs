@@ -4,8 +4,11 @@
 //! jitter, start-up time and RSS (idle and peak). Not a test: it asserts nothing about speed.
 //!
 //! Run: `cargo bench --bench calls` (after `scripts/install-models.sh`). Environment:
-//! `BENCH_CALLS=1,4` (call counts, a fresh server each), `BENCH_WAVS=a.wav,b.wav` (utterances
-//! per call; default book_appointment and opening_hours).
+//! `BENCH_CALLS=1,4,8` (call counts, a fresh server each), `BENCH_WAVS=a.wav,b.wav` (utterances
+//! per call; default book_appointment and opening_hours), `BENCH_SCHEDULERS=batched,per_call`
+//! (issue 10: `[llm] scheduler` values compared in the same run), `BENCH_BARGE_IN=6`.
+//! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
+//! call, and the Vosk recognizers' own share of it (measured in this process).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -31,10 +34,77 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// issue 10: total generated tokens and the time (ms) at least one reply was being generated,
+/// from the server's `LLM reply done` lines (`generated_tokens`, `ms`, `end_unix_ms`).
+fn llm_tokens(log: &str) -> (u64, u64) {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    let mut tokens = 0;
+    for line in log.lines().filter(|l| l.contains("LLM reply done")) {
+        let field = |k: &str| -> Option<u64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+        };
+        if let (Some(g), Some(ms), Some(end)) = (field("generated_tokens"), field("ms"), field("end_unix_ms")) {
+            tokens += g;
+            spans.push((end.saturating_sub(ms), end));
+        }
+    }
+    spans.sort();
+    let (mut busy, mut cur): (u64, Option<(u64, u64)>) = (0, None);
+    for (a, b) in spans {
+        cur = match cur {
+            Some((ca, cb)) if a <= cb => Some((ca, cb.max(b))),
+            Some((ca, cb)) => {
+                busy += cb - ca;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    if let Some((a, b)) = cur {
+        busy += b - a;
+    }
+    (tokens, busy)
+}
+
+/// issue 10: RSS (kB) one Vosk recognizer adds once it has decoded the bench's utterances,
+/// measured in this process with `k` recognizers: the STT model's share of RSS per call.
+fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
+    use asterisk_voice_agent::models::manifest;
+    let man = manifest::load(&models_dir()).expect("installed test models");
+    let stt = asterisk_voice_agent::stt::SttEngine::load(
+        &man.path_for(asterisk_voice_agent::models::ModelKind::Stt).unwrap(),
+    )
+    .unwrap();
+    let me = std::process::id();
+    let before = status_kb(me, "VmRSS:");
+    let streams: Vec<_> = (0..k)
+        .map(|i| stt.start_stream(&format!("bench-{i}"), 8000).unwrap())
+        .collect();
+    for w in wavs {
+        let (_, samples) = read_wav(std::path::Path::new(w));
+        for (s, _) in &streams {
+            for chunk in samples.chunks(160) {
+                s.audio(chunk.to_vec());
+            }
+            s.finish();
+        }
+    }
+    let mut streams = streams;
+    for (_, rx) in &mut streams {
+        for _ in wavs {
+            let _ = rx.blocking_recv();
+        }
+    }
+    let after = status_kb(me, "VmRSS:");
+    drop(streams);
+    (after.saturating_sub(before)) as f64 / k as f64
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let counts: Vec<usize> = std::env::var("BENCH_CALLS")
-        .unwrap_or_else(|_| "1,4".into())
+        .unwrap_or_else(|_| "1,4,8".into())
         .split(',')
         .map(|s| s.trim().parse().expect("BENCH_CALLS is a list of numbers"))
         .collect();
@@ -51,8 +121,25 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    for n in counts {
-        let server = Server::start("");
+    let schedulers: Vec<String> = std::env::var("BENCH_SCHEDULERS")
+        .unwrap_or_else(|_| "batched,per_call".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let stt_kb = stt_kb_per_call(&wavs, 4);
+    println!(
+        "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB",
+        stt_kb / 1024.0
+    );
+    let mut summary: Vec<String> = Vec::new();
+    for (n, sched) in counts
+        .iter()
+        .flat_map(|&n| schedulers.iter().map(move |s| (n, s.clone())))
+    {
+        let server = Server::start_with(
+            &format!("max_calls = {}", n.max(8)),
+            &format!("\n[llm]\nscheduler = \"{sched}\"\n"),
+        );
         let pid = server.pid();
         let startup = server
             .log()
@@ -106,7 +193,7 @@ fn main() {
         );
 
         println!(
-            "\n== {n} simultaneous call(s), {} turns ({missing} without a reply)",
+            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, {} turns ({missing} without a reply)",
             v2v.len() + missing
         );
         println!(
@@ -175,6 +262,32 @@ fn main() {
             idle_rss / 1024,
             peak_rss / 1024
         );
+        let per_call = if n > 1 {
+            (peak_rss.saturating_sub(idle_rss)) as f64 / 1024.0 / n as f64
+        } else {
+            (peak_rss.saturating_sub(idle_rss)) as f64 / 1024.0
+        };
+        println!(
+            "  RSS per call (peak - idle) / calls: {per_call:.1} MB, of which Vosk recognizer ~{:.1} MB",
+            stt_kb / 1024.0
+        );
+        let (tokens, busy_ms) = llm_tokens(&server.log());
+        let tps = if busy_ms > 0 {
+            tokens as f64 * 1000.0 / busy_ms as f64
+        } else {
+            f64::NAN
+        };
+        println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
+        summary.push(format!(
+            "{n} call(s) {sched:>9}: transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 {:.2} ms, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
+            pct(&mut llm, 0.5),
+            pct(&mut llm, 0.95),
+            pct(&mut tts, 0.5),
+            pct(&mut tts, 0.95),
+            pct(&mut p99, 1.0),
+            idle_rss / 1024,
+            peak_rss / 1024,
+        ));
 
         // Barge-in: callers who talk over the greeting at different moments, one at a time
         // beside n - 1 ordinary calls, so the figure is taken under the same load.
@@ -201,5 +314,9 @@ fn main() {
             pct(&mut stops, 0.5),
             pct(&mut stops, 0.95)
         );
+    }
+    println!("\n== summary (shared 2-core machine unless stated otherwise)");
+    for l in summary {
+        println!("{l}");
     }
 }

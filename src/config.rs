@@ -265,7 +265,8 @@ pub struct ServerConfig {
     /// (Asterisk sends the id frame right after connecting).
     pub id_timeout_ms: u64,
     /// Upper bound on simultaneous calls; further connections are refused with a log line.
-    /// Default 8.
+    /// Also the number of KV sequences of the batched LLM scheduler. Default: the installed
+    /// tier's measured capacity (`llm.max_calls` in its manifest, issue 10), else 8.
     pub max_calls: usize,
     /// Connections accepted but not yet calls (waiting for their id frame, or hearing the busy
     /// prompt because `max_calls` calls are live); further connections are closed at once with
@@ -274,6 +275,9 @@ pub struct ServerConfig {
     /// A write to Asterisk that has not completed in this many ms (the peer stopped reading)
     /// ends the call. Default 3000.
     pub write_timeout_ms: u64,
+    /// issue 10: whether `max_calls` was given in the file (else the tier's value applies).
+    #[serde(skip)]
+    pub max_calls_set: bool,
 }
 
 impl Default for ServerConfig {
@@ -284,6 +288,7 @@ impl Default for ServerConfig {
             max_calls: 8,
             max_pending: 16,
             write_timeout_ms: 3000,
+            max_calls_set: false,
         }
     }
 }
@@ -368,6 +373,53 @@ pub struct LlmConfig {
     pub temperature: f32,
     /// Sampler seed. Default 42.
     pub seed: u32,
+    /// issue 10: where replies are generated: `"local"` (llama.cpp in this process, with the
+    /// GGUF from `[models]`) or `"openai"` (an OpenAI-compatible chat-completions server at
+    /// `base_url`: llama-server, vLLM, Ollama). Default "local".
+    pub backend: LlmBackendKind,
+    /// issue 10: with the local backend, `"batched"` runs one llama.cpp context for all calls
+    /// (a KV sequence per call, `server.max_calls` of them, one decode advancing every call;
+    /// `threads` defaults to the physical cores) or `"per_call"` one context and thread pool
+    /// per call (`threads` each). Default "batched".
+    pub scheduler: LlmScheduler,
+    /// issue 10: the OpenAI-compatible server's API root, e.g. `http://10.0.0.5:8080/v1`
+    /// (`/chat/completions` and `/models` are appended). Plain HTTP is allowed. Required with
+    /// `backend = "openai"`. Default none.
+    pub base_url: Option<String>,
+    /// issue 10: the `model` field sent to the server (Ollama: `llama3.2:3b`; llama-server
+    /// ignores it). Default "default".
+    pub model: String,
+    /// issue 10: a file whose content (trimmed) is sent as `Authorization: Bearer ...`.
+    /// Default none (no header).
+    pub api_key_file: Option<PathBuf>,
+    /// issue 10: TCP connect timeout to the server, in ms (also bounds the start-up check).
+    /// Default 2000.
+    pub connect_timeout_ms: u64,
+    /// issue 10: longest wait for the response headers or between two streamed chunks, in ms;
+    /// then the attempt fails and `[call]` retries/fallback/apology take over. Default 5000.
+    pub read_timeout_ms: u64,
+}
+
+/// issue 10: `[llm] backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmBackendKind {
+    /// llama.cpp in this process.
+    #[default]
+    Local,
+    /// An OpenAI-compatible chat-completions server (`base_url`).
+    Openai,
+}
+
+/// issue 10: `[llm] scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmScheduler {
+    /// One context for all calls, continuous batching.
+    #[default]
+    Batched,
+    /// One context per call.
+    PerCall,
 }
 
 impl Default for LlmConfig {
@@ -377,6 +429,13 @@ impl Default for LlmConfig {
             context: None,
             temperature: 0.6,
             seed: 42,
+            backend: LlmBackendKind::Local,
+            scheduler: LlmScheduler::Batched,
+            base_url: None,
+            model: "default".into(),
+            api_key_file: None,
+            connect_timeout_ms: 2000,
+            read_timeout_ms: 5000,
         }
     }
 }
@@ -497,7 +556,12 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text)?;
+        let mut cfg: Config = toml::from_str(text)?;
+        // issue 10: an explicit server.max_calls wins over the tier's default.
+        cfg.server.max_calls_set = toml::from_str::<toml::Table>(text)?
+            .get("server")
+            .and_then(|s| s.get("max_calls"))
+            .is_some();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -529,6 +593,10 @@ impl Config {
         anyhow::ensure!(
             self.turn.max_end_silence_ms >= 100 && self.turn.min_pause_ms >= 20,
             "turn.max_end_silence_ms must be at least 100 and turn.min_pause_ms at least 20"
+        );
+        anyhow::ensure!(
+            self.llm.backend != LlmBackendKind::Openai || self.llm.base_url.is_some(),
+            "llm.base_url is required with llm.backend = \"openai\""
         );
         anyhow::ensure!(
             !self.agent.greeting.trim().is_empty(),

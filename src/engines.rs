@@ -181,10 +181,13 @@ impl Engines {
             tracing::info!(tier = m.tier(), dir = %cfg.models.dir.display(), "model manifest");
         }
         let started = Instant::now();
+        let batched = cfg.llm.scheduler == crate::config::LlmScheduler::Batched;
         let llm_settings = LlmSettings {
+            // issue 10: the shared context uses every physical core; a per-call one the tier's.
             threads: cfg
                 .llm
                 .threads
+                .or_else(|| batched.then(physical_cores))
                 .or_else(|| tier.and_then(Manifest::llm_threads))
                 .unwrap_or(2),
             context: cfg
@@ -194,16 +197,34 @@ impl Engines {
                 .unwrap_or(2048),
             temperature: cfg.llm.temperature,
             seed: cfg.llm.seed,
+            scheduler: cfg.llm.scheduler,
+            sequences: cfg.server.max_calls as u32,
         };
         let tts_settings = TtsSettings {
             length_scale: cfg.tts.length_scale,
             gain: cfg.tts.gain,
             threads: 1,
         };
-        let (fallback_llm_settings, fallback_tts_settings) = (llm_settings.clone(), tts_settings.clone());
+        // issue 10: the fallback model is used rarely: per-call contexts, created on first use,
+        // cost nothing until then (a shared one would hold max_calls KV sequences from start).
+        let fallback_llm_settings = LlmSettings {
+            scheduler: crate::config::LlmScheduler::PerCall,
+            threads: cfg
+                .llm
+                .threads
+                .or_else(|| tier.and_then(Manifest::llm_threads))
+                .unwrap_or(2),
+            ..llm_settings.clone()
+        };
+        let fallback_tts_settings = tts_settings.clone();
         let (stt, llm, tts) = std::thread::scope(|s| {
             let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
-            let llm = s.spawn(|| timed("llm", || LlmEngine::load(&paths.llm, llm_settings)));
+            let llm = s.spawn(|| {
+                timed("llm", || match cfg.llm.backend {
+                    crate::config::LlmBackendKind::Local => LlmEngine::load(&paths.llm, llm_settings),
+                    crate::config::LlmBackendKind::Openai => LlmEngine::openai(&cfg.llm),
+                })
+            });
             let tts = s.spawn(|| {
                 timed("tts", || {
                     TtsEngine::load(&paths.tts, &paths.onnxruntime, &paths.espeak_data, tts_settings)
@@ -216,7 +237,10 @@ impl Engines {
             .with_context(|| format!("loading Vosk model {}", paths.stt.display()))?;
         let llm = llm
             .map_err(|_| anyhow!("llama.cpp panicked while loading"))?
-            .with_context(|| format!("loading GGUF {}", paths.llm.display()))?;
+            .with_context(|| match cfg.llm.backend {
+                crate::config::LlmBackendKind::Local => format!("loading GGUF {}", paths.llm.display()),
+                crate::config::LlmBackendKind::Openai => "connecting to the OpenAI-compatible LLM server".into(),
+            })?;
         let tts = tts
             .map_err(|_| anyhow!("Piper panicked while loading"))?
             .with_context(|| format!("loading Piper voice {}", paths.tts.display()))?;
@@ -299,6 +323,25 @@ fn pick_onnx_model(cfg: &Config, manifest: &Result<Manifest>, kind: crate::model
         Err(e) => Err(anyhow!("{why}, but there is no [models] {kind} path in the config and {e:#}")),
     }
 }
+
+/// issue 10: unless the config sets `server.max_calls`, takes the installed tier's measured
+/// capacity (`llm.max_calls` in the manifest), if it has one. Call before [`Engines::load`]:
+/// the batched LLM scheduler makes one KV sequence per call.
+pub fn apply_tier_max_calls(cfg: &mut Config) {
+    if cfg.server.max_calls_set {
+        return;
+    }
+    if let Some(n) = manifest::load(&cfg.models.dir).ok().and_then(|m| m.max_calls()) {
+        tracing::info!(max_calls = n, "server.max_calls from the installed tier");
+        cfg.server.max_calls = (n as usize).max(1);
+    }
+}
+
+/// issue 10: physical CPU cores (sysinfo), at least 1.
+fn physical_cores() -> i32 {
+    sysinfo::System::physical_core_count().unwrap_or(2).max(1) as i32
+}
+
 fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let t = Instant::now();
     let r = f();

@@ -1,8 +1,15 @@
-//! The language model with llama.cpp: one loaded GGUF shared by all calls ([`LlmEngine`]) and
-//! one context per call on its own thread ([`LlmSession`]). The context keeps its KV cache
-//! across turns, so a turn evaluates only the tokens the previous turn did not (the system
-//! prompt is evaluated once, while the greeting plays). Tokens stream back as they come.
+//! The language model: one engine per model shared by all calls ([`LlmEngine`]) and a
+//! per-call [`LlmSession`] that keeps its KV cache across turns, so a turn evaluates only the
+//! tokens the previous turn did not (the system prompt is evaluated once, while the greeting
+//! plays). Tokens stream back as they come. Three ways to run it (issue 10): one llama.cpp
+//! context for all calls with continuous batching ([`scheduler`], the default), one context
+//! per call on its own thread (`[llm] scheduler = "per_call"`, this file), or an
+//! OpenAI-compatible server ([`openai`]).
 
+pub mod openai;
+pub mod scheduler;
+
+use crate::config::LlmScheduler;
 use anyhow::{anyhow, bail, Context, Result};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -51,32 +58,72 @@ pub struct Message {
 /// Settings for every context.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
-    /// Threads per call's context.
+    /// Threads per call's context (`per_call`), or of the one shared context (`batched`).
     pub threads: i32,
-    /// Context size in tokens.
+    /// Context size in tokens, per call (each call's KV sequence holds this many).
     pub context: u32,
     /// Sampling temperature (0 = greedy).
     pub temperature: f32,
     /// Sampler seed.
     pub seed: u32,
+    /// issue 10: one shared context with a sequence per call, or a context per call.
+    pub scheduler: LlmScheduler,
+    /// issue 10: KV sequences of the shared context, i.e. the most sessions alive at once
+    /// (`server.max_calls`). Only for `batched`.
+    pub sequences: u32,
+}
+
+impl Default for LlmSettings {
+    /// 2 threads, 2048 tokens, greedy, seed 42, batched with 8 sequences.
+    fn default() -> Self {
+        LlmSettings {
+            threads: 2,
+            context: 2048,
+            temperature: 0.0,
+            seed: 42,
+            scheduler: LlmScheduler::Batched,
+            sequences: 8,
+        }
+    }
 }
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
 
-/// A loaded GGUF model with its chat template, shared by every call.
-pub struct LlmEngine {
+/// A loaded GGUF model with its chat template.
+pub(crate) struct LocalModel {
     model: LlamaModel,
     template: LlamaChatTemplate,
     settings: LlmSettings,
-    /// The GGUF file.
+}
+
+/// One model shared by every call: a GGUF run here (with the batched scheduler or per-call
+/// contexts) or an OpenAI-compatible server.
+///
+/// Shutdown: dropping the last `Arc<LlmEngine>` stops the scheduler thread and joins it
+/// before the model is freed; [`LlmEngine::shutdown`] does the same earlier, explicitly.
+pub struct LlmEngine {
+    backend: Backend,
+    /// The GGUF file (for the OpenAI backend: the `base_url`).
     pub path: PathBuf,
 }
 
+enum Backend {
+    Local {
+        model: Arc<LocalModel>,
+        /// The shared context's thread; `None` with per-call contexts.
+        scheduler: Option<scheduler::Scheduler>,
+    },
+    Openai(Arc<openai::Client>),
+}
+
 impl LlmEngine {
-    /// Loads a GGUF file. Uses the chat template stored in the GGUF.
+    /// Loads a GGUF file. Uses the chat template stored in the GGUF. With
+    /// `settings.scheduler == Batched` it also creates the shared context (a KV sequence of
+    /// `settings.context` tokens for each of `settings.sequences` calls) on its thread.
     ///
     /// # Errors
-    /// If the file is not a loadable GGUF or has no chat template.
+    /// If the file is not a loadable GGUF, has no chat template, or the shared context cannot
+    /// be created.
     pub fn load(path: &Path, settings: LlmSettings) -> Result<LlmEngine> {
         let backend = match BACKEND.get() {
             Some(b) => b,
@@ -91,35 +138,220 @@ impl LlmEngine {
         let template = model
             .chat_template(None)
             .map_err(|e| anyhow!("{} has no chat template ({e})", path.display()))?;
-        Ok(LlmEngine {
+        let model = Arc::new(LocalModel {
             model,
             template,
             settings,
+        });
+        let scheduler = match model.settings.scheduler {
+            LlmScheduler::Batched => Some(scheduler::Scheduler::start(model.clone())?),
+            LlmScheduler::PerCall => None,
+        };
+        Ok(LlmEngine {
+            backend: Backend::Local { model, scheduler },
             path: path.to_path_buf(),
         })
     }
 
+    /// An engine that asks an OpenAI-compatible server (`[llm] backend = "openai"`). Checks at
+    /// once that the server answers `GET {base_url}/models`.
+    ///
+    /// # Errors
+    /// If `base_url` is not a URL, the server is unreachable or answers with an error status,
+    /// or `api_key_file` cannot be read; the message names the `[llm]` key.
+    pub fn openai(cfg: &crate::config::LlmConfig) -> Result<LlmEngine> {
+        let client = openai::Client::connect(cfg)?;
+        Ok(LlmEngine {
+            path: PathBuf::from(client.base_url()),
+            backend: Backend::Openai(Arc::new(client)),
+        })
+    }
+
+    /// Stops the shared context's thread (batched scheduler) and waits for it: generating
+    /// turns end with an error, later requests fail at once. Idempotent; also done on drop.
+    /// Per-call context threads end when their session is dropped (not joined).
+    pub fn shutdown(&self) {
+        if let Backend::Local { scheduler: Some(s), .. } = &self.backend {
+            s.shutdown();
+        }
+    }
+}
+
+impl LocalModel {
     /// Renders the chat. With `actions`, the action instructions are appended to the first
     /// system message. `warm` and `generate` both render through here with the session's spec,
     /// so the system prompt's tokens are the same and stay in the KV cache. Earlier agent replies
     /// stay untagged (the call stores the spoken text): re-tagging them `[say]` made the test
     /// model answer `[say]` to everything.
     fn render(&self, messages: &[Message], add_assistant: bool, actions: Option<&ActionSpec>) -> Result<String> {
-        let mut system_done = false;
-        let chat = messages
-            .iter()
-            .map(|m| {
-                let text = match (actions, m.role) {
-                    (Some(spec), Role::System) if !system_done => {
-                        system_done = true;
-                        format!("{}{}", m.text, spec.instructions())
-                    }
-                    _ => m.text.clone(),
-                };
-                LlamaChatMessage::new(m.role.as_str().into(), text)
-            })
+        let chat = render_messages(messages, actions)
+            .into_iter()
+            .map(|(role, text)| LlamaChatMessage::new(role.into(), text))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self.model.apply_chat_template(&self.template, &chat, add_assistant)?)
+    }
+
+    /// Tokenizes the rendered chat.
+    fn tokenize(
+        &self,
+        messages: &[Message],
+        add_assistant: bool,
+        actions: Option<&ActionSpec>,
+    ) -> Result<Vec<LlamaToken>> {
+        let prompt = self.render(messages, add_assistant, actions)?;
+        Ok(self.model.vocab().tokenize(prompt.as_bytes(), true, true))
+    }
+
+    /// The prompt for a reply: drops the oldest exchanges until the prompt and `max_tokens`
+    /// fit `n_ctx` tokens. Returns the tokens and the reply's token limit, or an error text.
+    fn reply_prompt(
+        &self,
+        mut messages: Vec<Message>,
+        max_tokens: u32,
+        actions: Option<&ActionSpec>,
+        n_ctx: usize,
+    ) -> std::result::Result<(Vec<LlamaToken>, u32), String> {
+        let tokens = loop {
+            let tokens = self.tokenize(&messages, true, actions).map_err(|e| format!("{e:#}"))?;
+            if tokens.len() + max_tokens as usize + 8 <= n_ctx || messages.len() <= 2 {
+                break tokens;
+            }
+            messages.remove(1);
+        };
+        if tokens.len() + 8 > n_ctx {
+            return Err(format!(
+                "prompt of {} tokens does not fit the context of {n_ctx}",
+                tokens.len()
+            ));
+        }
+        let max_tokens = max_tokens.min((n_ctx - tokens.len() - 1) as u32);
+        Ok((tokens, max_tokens))
+    }
+
+    /// The sampler chain of one reply: the action grammar (if any), then greedy or
+    /// temperature sampling. Each reply gets its own (grammar state is per sequence).
+    fn sampler(&self, actions: Option<&ActionSpec>) -> LlamaSampler {
+        let s = &self.settings;
+        let mut chain = Vec::new();
+        if let Some(spec) = actions {
+            match LlamaSampler::grammar(&self.model, &spec.grammar(), "root") {
+                Ok(g) => chain.push(g),
+                // Still parsed below: a malformed tag is logged and ignored.
+                Err(e) => tracing::warn!("action grammar rejected ({e}); generating without it"),
+            }
+        }
+        if s.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            chain.extend([
+                LlamaSampler::penalties(self.model.n_vocab(), 64, 1.15, 0.0, 0.0),
+                LlamaSampler::top_k(40),
+                LlamaSampler::top_p(0.9, 1),
+                LlamaSampler::temp(s.temperature),
+                LlamaSampler::dist(s.seed),
+            ]);
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+/// The chat as (role, text) pairs, with the action instructions appended to the first system
+/// message when `actions` is given. Shared by the local and the OpenAI backends.
+fn render_messages(messages: &[Message], actions: Option<&ActionSpec>) -> Vec<(&'static str, String)> {
+    let mut system_done = false;
+    messages
+        .iter()
+        .map(|m| {
+            let text = match (actions, m.role) {
+                (Some(spec), Role::System) if !system_done => {
+                    system_done = true;
+                    format!("{}{}", m.text, spec.instructions())
+                }
+                _ => m.text.clone(),
+            };
+            (m.role.as_str(), text)
+        })
+        .collect()
+}
+
+/// Turns generated token bytes into whole UTF-8 pieces, splits off the action tag, and sends
+/// [`LlmEvent::Action`] / [`LlmEvent::Token`]. One per reply; shared by all backends.
+pub(crate) struct ReplyStream {
+    started: Instant,
+    tag: Option<TagState>,
+    actions: Option<Arc<ActionSpec>>,
+    pending: Vec<u8>,
+    out: mpsc::UnboundedSender<LlmEvent>,
+}
+
+impl ReplyStream {
+    pub(crate) fn new(actions: Option<Arc<ActionSpec>>, out: mpsc::UnboundedSender<LlmEvent>) -> ReplyStream {
+        ReplyStream {
+            started: Instant::now(),
+            tag: actions.as_ref().map(|_| TagState::Tag(String::new())),
+            actions,
+            pending: Vec::new(),
+            out,
+        }
+    }
+
+    /// Feeds generated bytes. Returns false when the receiver is gone (stop generating).
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> bool {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        if valid == 0 {
+            return !self.out.is_closed();
+        }
+        let mut piece = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+        self.pending.drain(..valid);
+        if let (Some(state), Some(spec)) = (self.tag.as_mut(), self.actions.as_deref()) {
+            let parsed = state.push(spec, &piece);
+            if let Some(action) = parsed.action {
+                tracing::info!(?action, "the model chose an action");
+                if self.out.send(LlmEvent::Action(action)).is_err() {
+                    return false;
+                }
+            }
+            piece = parsed.speech;
+        }
+        piece.is_empty() || self.out.send(LlmEvent::Token(piece)).is_ok()
+    }
+
+    /// Whether the receiver is gone.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.out.is_closed()
+    }
+
+    /// Sends the final event.
+    pub(crate) fn finish(self, result: std::result::Result<TurnStats, String>) {
+        if let Some(TagState::Tag(b)) = &self.tag {
+            if !b.trim().is_empty() {
+                tracing::warn!(reply = %b, "the reply ended inside its action tag; no action");
+            }
+        }
+        if let Ok(st) = &result {
+            // issue 10: one line per reply, for the call benchmark's aggregate tokens/s.
+            let end_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            tracing::info!(
+                prompt_tokens = st.prompt_tokens,
+                evaluated_tokens = st.evaluated_tokens,
+                generated_tokens = st.generated_tokens,
+                first_token_ms = st.first_token_ms,
+                ms = self.started.elapsed().as_millis() as u64,
+                end_unix_ms,
+                "LLM reply done"
+            );
+        }
+        let _ = self.out.send(match result {
+            Ok(stats) => LlmEvent::Done(stats),
+            Err(e) => LlmEvent::Error(e),
+        });
     }
 }
 
@@ -347,47 +579,70 @@ enum Request {
     },
 }
 
-/// One call's llama.cpp context on its own thread. Dropping it ends the thread.
+/// What a session does with its backend (issue 10: three real implementations: the batched
+/// scheduler's sequence, a per-call context thread, an OpenAI-compatible server).
+pub(crate) trait LlmBackend: Send + Sync {
+    /// Evaluates `messages` into the KV cache (or nothing, where there is none to warm).
+    fn warm(&self, messages: Vec<Message>);
+    /// Starts a reply; its events go to `out` (exactly one `Done` or `Error` at the end).
+    fn generate(
+        &self,
+        messages: Vec<Message>,
+        max_tokens: u32,
+        cancel: Arc<AtomicBool>,
+        out: mpsc::UnboundedSender<LlmEvent>,
+    );
+}
+
+/// One call's conversation with the model: its KV sequence in the shared context (batched),
+/// its own context on its own thread (per_call), or its requests to the OpenAI-compatible
+/// server. Dropping it releases the sequence (batched) or ends the thread (per_call).
 pub struct LlmSession {
-    tx: std_mpsc::Sender<Request>,
+    inner: Box<dyn LlmBackend>,
 }
 
 impl LlmSession {
-    /// Starts a context for one call, without actions: replies are plain speech.
+    /// Starts a session for one call, without actions: replies are plain speech.
+    ///
+    /// # Errors
+    /// Batched: every sequence is in use (more than `server.max_calls` sessions) or the
+    /// scheduler has stopped. Per-call: the thread cannot be spawned.
     pub fn start(engine: Arc<LlmEngine>, call_id: &str) -> Result<LlmSession> {
         LlmSession::start_with_actions(engine, call_id, None)
     }
 
-    /// Starts a context for one call. With `actions`, every reply (from [`LlmSession::warm`]'s
+    /// Starts a session for one call. With `actions`, every reply (from [`LlmSession::warm`]'s
     /// prompt on) is rendered with the action instructions and generated under the action
-    /// grammar, and a turn may send one [`LlmEvent::Action`] before its tokens. The spec is fixed
-    /// for the session so the system prompt stays the same, and cached, across turns.
+    /// grammar (local backends; the OpenAI backend only instructs and parses), and a turn may
+    /// send one [`LlmEvent::Action`] before its tokens. The spec is fixed for the session so
+    /// the system prompt stays the same, and cached, across turns.
+    ///
+    /// # Errors
+    /// As [`LlmSession::start`].
     pub fn start_with_actions(
         engine: Arc<LlmEngine>,
         call_id: &str,
         actions: Option<Arc<ActionSpec>>,
     ) -> Result<LlmSession> {
-        let (tx, rx) = std_mpsc::channel::<Request>();
-        let name = format!("llm-{}", &call_id[..8.min(call_id.len())]);
-        let live = crate::engines::WorkerThread::enter();
-        std::thread::Builder::new().name(name).spawn(move || {
-            let _live = live;
-            crate::engines::lower_thread_priority();
-            if let Err(e) = session_thread(&engine, actions.as_deref(), rx) {
-                tracing::error!("LLM context failed: {e:#}");
+        let inner: Box<dyn LlmBackend> = match &engine.backend {
+            Backend::Local { scheduler: Some(s), .. } => Box::new(s.open(actions)?),
+            Backend::Local { model, scheduler: None } => {
+                Box::new(PerCallSession::start(model.clone(), call_id, actions)?)
             }
-        })?;
-        Ok(LlmSession { tx })
+            Backend::Openai(client) => Box::new(openai::Session::new(client.clone(), actions)),
+        };
+        Ok(LlmSession { inner })
     }
 
     /// Evaluates `messages` (e.g. the system prompt and the greeting) into the KV cache in the
     /// background, so the first turn costs only the caller's words.
     pub fn warm(&self, messages: Vec<Message>) {
-        let _ = self.tx.send(Request::Warm(messages));
+        self.inner.warm(messages);
     }
 
     /// Generates the assistant's reply to `messages`; events arrive on the returned channel.
-    /// Setting `cancel` stops generation at the next token.
+    /// Setting `cancel` stops generation at the next token (batched: the sequence leaves the
+    /// next decode and the reply's tokens leave its KV cache).
     pub fn generate(
         &self,
         messages: Vec<Message>,
@@ -395,6 +650,45 @@ impl LlmSession {
         cancel: Arc<AtomicBool>,
     ) -> mpsc::UnboundedReceiver<LlmEvent> {
         let (out, rx) = mpsc::unbounded_channel();
+        self.inner.generate(messages, max_tokens, cancel, out);
+        rx
+    }
+}
+
+/// One call's llama.cpp context on its own thread (`scheduler = "per_call"`). Dropping it
+/// ends the thread.
+struct PerCallSession {
+    tx: std_mpsc::Sender<Request>,
+}
+
+impl PerCallSession {
+    fn start(model: Arc<LocalModel>, call_id: &str, actions: Option<Arc<ActionSpec>>) -> Result<PerCallSession> {
+        let (tx, rx) = std_mpsc::channel::<Request>();
+        let name = format!("llm-{}", &call_id[..8.min(call_id.len())]);
+        let live = crate::engines::WorkerThread::enter();
+        std::thread::Builder::new().name(name).spawn(move || {
+            let _live = live;
+            crate::engines::lower_thread_priority();
+            if let Err(e) = session_thread(&model, actions, rx) {
+                tracing::error!("LLM context failed: {e:#}");
+            }
+        })?;
+        Ok(PerCallSession { tx })
+    }
+}
+
+impl LlmBackend for PerCallSession {
+    fn warm(&self, messages: Vec<Message>) {
+        let _ = self.tx.send(Request::Warm(messages));
+    }
+
+    fn generate(
+        &self,
+        messages: Vec<Message>,
+        max_tokens: u32,
+        cancel: Arc<AtomicBool>,
+        out: mpsc::UnboundedSender<LlmEvent>,
+    ) {
         if let Err(std_mpsc::SendError(Request::Generate { out, .. })) = self.tx.send(Request::Generate {
             messages,
             max_tokens,
@@ -403,11 +697,14 @@ impl LlmSession {
         }) {
             let _ = out.send(LlmEvent::Error("LLM context thread has stopped".into()));
         }
-        rx
     }
 }
 
-fn session_thread(engine: &LlmEngine, actions: Option<&ActionSpec>, rx: std_mpsc::Receiver<Request>) -> Result<()> {
+fn session_thread(
+    engine: &LocalModel,
+    actions: Option<Arc<ActionSpec>>,
+    rx: std_mpsc::Receiver<Request>,
+) -> Result<()> {
     let s = &engine.settings;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(s.context))
@@ -427,36 +724,26 @@ fn session_thread(engine: &LlmEngine, actions: Option<&ActionSpec>, rx: std_mpsc
     for req in rx {
         match req {
             Request::Warm(messages) => {
-                let prompt = engine.render(&messages, false, actions)?;
-                let tokens = engine.model.vocab().tokenize(prompt.as_bytes(), true, true);
+                let tokens = engine.tokenize(&messages, false, actions.as_deref())?;
                 if tokens.len() < n_ctx / 2 {
                     eval_prompt(&mut ctx, &mut batch, &mut cached, &tokens)?;
                 }
             }
             Request::Generate {
-                mut messages,
+                messages,
                 max_tokens,
                 cancel,
                 out,
             } => {
                 let started = Instant::now();
-                // Drop the oldest exchanges until the prompt and the reply fit the context.
-                let tokens = loop {
-                    let prompt = engine.render(&messages, true, actions)?;
-                    let tokens = engine.model.vocab().tokenize(prompt.as_bytes(), true, true);
-                    if tokens.len() + max_tokens as usize + 8 <= n_ctx || messages.len() <= 2 {
-                        break tokens;
+                let (tokens, max_tokens) = match engine.reply_prompt(messages, max_tokens, actions.as_deref(), n_ctx) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = out.send(LlmEvent::Error(e));
+                        continue;
                     }
-                    messages.remove(1);
                 };
-                if tokens.len() + 8 > n_ctx {
-                    let _ = out.send(LlmEvent::Error(format!(
-                        "prompt of {} tokens does not fit the context of {n_ctx}",
-                        tokens.len()
-                    )));
-                    continue;
-                }
-                let max_tokens = max_tokens.min((n_ctx - tokens.len() - 1) as u32);
+                let mut stream = ReplyStream::new(actions.clone(), out);
                 match generate(
                     engine,
                     &mut ctx,
@@ -464,19 +751,17 @@ fn session_thread(engine: &LlmEngine, actions: Option<&ActionSpec>, rx: std_mpsc
                     &mut cached,
                     &tokens,
                     max_tokens,
-                    actions,
+                    actions.as_deref(),
                     &cancel,
-                    &out,
+                    &mut stream,
                     started,
                 ) {
-                    Ok(stats) => {
-                        let _ = out.send(LlmEvent::Done(stats));
-                    }
+                    Ok(stats) => stream.finish(Ok(stats)),
                     Err(e) => {
                         // The cache may be half-written: start clean next turn.
                         ctx.clear_kv_cache();
                         cached.clear();
-                        let _ = out.send(LlmEvent::Error(format!("{e:#}")));
+                        stream.finish(Err(format!("{e:#}")));
                     }
                 }
             }
@@ -493,9 +778,7 @@ fn eval_prompt(
     cached: &mut Vec<LlamaToken>,
     tokens: &[LlamaToken],
 ) -> Result<usize> {
-    let mut common = cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
-    // The last prompt token is always evaluated again so its logits are fresh.
-    common = common.min(tokens.len().saturating_sub(1));
+    let common = common_prefix(cached, tokens);
     if common < cached.len() {
         ctx.clear_kv_cache_seq(Some(0), Some(common as u32), None)?;
         cached.truncate(common);
@@ -514,13 +797,20 @@ fn eval_prompt(
     Ok(todo.len())
 }
 
+/// How many leading tokens of `tokens` are already in the KV cache (`cached`) and can be kept.
+/// The last prompt token is always evaluated again so its logits are fresh.
+fn common_prefix(cached: &[LlamaToken], tokens: &[LlamaToken]) -> usize {
+    let common = cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+    common.min(tokens.len().saturating_sub(1))
+}
+
 fn batch_capacity() -> usize {
     512
 }
 
 #[allow(clippy::too_many_arguments)]
 fn generate(
-    engine: &LlmEngine,
+    engine: &LocalModel,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
     batch: &mut LlamaBatch,
     cached: &mut Vec<LlamaToken>,
@@ -528,7 +818,7 @@ fn generate(
     max_tokens: u32,
     actions: Option<&ActionSpec>,
     cancel: &AtomicBool,
-    out: &mpsc::UnboundedSender<LlmEvent>,
+    stream: &mut ReplyStream,
     started: Instant,
 ) -> Result<TurnStats> {
     let mut stats = TurnStats {
@@ -536,33 +826,11 @@ fn generate(
         ..Default::default()
     };
     stats.evaluated_tokens = eval_prompt(ctx, batch, cached, tokens)?;
-    let s = &engine.settings;
-    let mut chain = Vec::new();
-    if let Some(spec) = actions {
-        match LlamaSampler::grammar(&engine.model, &spec.grammar(), "root") {
-            Ok(g) => chain.push(g),
-            // Still parsed below: a malformed tag is logged and ignored.
-            Err(e) => tracing::warn!("action grammar rejected ({e}); generating without it"),
-        }
-    }
-    if s.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        chain.extend([
-            LlamaSampler::penalties(engine.model.n_vocab(), 64, 1.15, 0.0, 0.0),
-            LlamaSampler::top_k(40),
-            LlamaSampler::top_p(0.9, 1),
-            LlamaSampler::temp(s.temperature),
-            LlamaSampler::dist(s.seed),
-        ]);
-    }
-    let mut sampler = LlamaSampler::chain_simple(chain);
-    let mut tag = actions.map(|_| TagState::Tag(String::new()));
+    let mut sampler = engine.sampler(actions);
     let vocab = engine.model.vocab();
-    let mut pending = Vec::<u8>::new();
     let mut logits_idx = batch.n_tokens() - 1;
     while stats.generated_tokens < max_tokens as usize {
-        if cancel.load(Ordering::Relaxed) || out.is_closed() {
+        if cancel.load(Ordering::Relaxed) || stream.is_closed() {
             break;
         }
         let tok = sampler.sample(ctx, logits_idx);
@@ -573,38 +841,14 @@ fn generate(
         if stats.first_token_ms.is_none() {
             stats.first_token_ms = Some(started.elapsed().as_millis() as u64);
         }
-        pending.extend(vocab.token_to_piece(tok, false, None));
-        let valid = match std::str::from_utf8(&pending) {
-            Ok(s) => s.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        if valid > 0 {
-            let mut piece = String::from_utf8_lossy(&pending[..valid]).into_owned();
-            pending.drain(..valid);
-            if let (Some(state), Some(spec)) = (tag.as_mut(), actions) {
-                let parsed = state.push(spec, &piece);
-                if let Some(action) = parsed.action {
-                    tracing::info!(?action, "the model chose an action");
-                    if out.send(LlmEvent::Action(action)).is_err() {
-                        break;
-                    }
-                }
-                piece = parsed.speech;
-            }
-            if !piece.is_empty() && out.send(LlmEvent::Token(piece)).is_err() {
-                break;
-            }
+        if !stream.push(&vocab.token_to_piece(tok, false, None)) {
+            break;
         }
         batch.clear();
         batch.add(tok, cached.len() as i32, &[0], true)?;
         ctx.decode(batch).context("llama.cpp decode failed")?;
         cached.push(tok);
         logits_idx = 0;
-    }
-    if let Some(TagState::Tag(b)) = &tag {
-        if !b.trim().is_empty() {
-            tracing::warn!(reply = %b, "the reply ended inside its action tag; no action");
-        }
     }
     if stats.generated_tokens == 0 && !cancel.load(Ordering::Relaxed) {
         bail!("the model produced no tokens");

@@ -22,8 +22,9 @@ use tracing::{error, info, warn, Instrument};
 /// # Errors
 /// If a model cannot be loaded, the conversation log cannot be opened or the address cannot
 /// be bound; each message names the file or address.
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(mut cfg: Config) -> Result<()> {
     let started = Instant::now();
+    crate::engines::apply_tier_max_calls(&mut cfg);
     // Reserve the ports now, so a busy port fails at once, but listen only once the models and
     // prompts are ready: until then a connection is refused and the dialplan can route around.
     let reserved = reserve(cfg.server.audiosocket_listen, Some(SEND_BUFFER)).with_context(|| {
@@ -103,6 +104,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "AudioSocket server ready"
     );
+    // issue 10: stop and join the LLM scheduler thread before the process exits.
+    let llm = shared.engines.llm.clone();
     serve(listener, shared, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -111,6 +114,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(agi) = agi {
         let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
     }
+    tokio::task::block_in_place(|| llm.shutdown());
     // The inference threads end once the calls and engines that feed them are gone; the process
     // must not exit under them (llama.cpp segfaults when torn down while its threads run).
     wait_for_workers().await;

@@ -24,6 +24,8 @@ fn engine() -> Arc<LlmEngine> {
             context: 2048,
             temperature: 0.0,
             seed: 42,
+            // issue 10: the default, batched scheduler (one context, a sequence per session).
+            ..Default::default()
         };
         Arc::new(LlmEngine::load(&model_path(), settings).expect("test LLM (scripts/install-models.sh)"))
     })

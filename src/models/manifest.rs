@@ -131,6 +131,11 @@ impl Manifest {
         Some(self.llm.threads)
     }
 
+    /// issue 10: the tier's measured simultaneous calls (the default `server.max_calls`).
+    pub fn max_calls(&self) -> Option<u32> {
+        self.llm.max_calls
+    }
+
     /// llama.cpp context size per call, in tokens, for the tier.
     pub fn llm_context(&self) -> Option<u32> {
         Some(self.llm.context)

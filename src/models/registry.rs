@@ -164,6 +164,11 @@ pub struct LlmSettings {
     pub threads: i32,
     /// Context size per call, in tokens.
     pub context: u32,
+    /// issue 10: simultaneous calls the tier sustains on its minimum hardware (measured with
+    /// benches/calls.rs; null when not measured). The default of `server.max_calls` for an
+    /// install of this tier (else 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_calls: Option<u32>,
 }
 
 /// Models for one language of a tier.

@@ -189,6 +189,11 @@ impl Server {
         Server::start_with_log(extra_config, "info,ort=warn")
     }
 
+    /// [`Server::start`] with `server_extra` (TOML keys) added under `[server]`.
+    pub fn start_with(server_extra: &str, extra_config: &str) -> Server {
+        Server::start(&format!("[server]\n{server_extra}\n\n{extra_config}"))
+    }
+
     /// [`Server::start`] with the service log filter `AVA_LOG` (e.g. to see DEBUG lines).
     pub fn start_with_log(extra_config: &str, filter: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
