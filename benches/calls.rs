@@ -78,19 +78,18 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
     .unwrap();
     let me = std::process::id();
     let before = status_kb(me, "VmRSS:");
-    let streams: Vec<_> = (0..k)
+    let mut streams: Vec<_> = (0..k)
         .map(|i| stt.start_stream(&format!("bench-{i}"), 8000).unwrap())
         .collect();
     for w in wavs {
         let (_, samples) = read_wav(std::path::Path::new(w));
-        for (s, _) in &streams {
+        for (s, _) in &mut streams {
             for chunk in samples.chunks(160) {
                 s.audio(chunk.to_vec());
             }
             s.finish();
         }
     }
-    let mut streams = streams;
     for (_, rx) in &mut streams {
         for _ in wavs {
             let _ = rx.blocking_recv();

@@ -166,6 +166,7 @@ fn abandoned_speculative_reply_leaves_nothing_in_the_llm_context() {
                 context: 2048,
                 temperature: 0.0,
                 seed: 42,
+                ..Default::default()
             },
         )
         .unwrap(),
