@@ -445,7 +445,11 @@ fn nothing_is_lost_and_no_dead_air() {
     let _g = serial();
     // The 2nd entry is written half, then fails like a full disk. No filler, so the first
     // agent audio after the caller's question is the reply.
-    let server = Server::start("[call]\nfiller_after_ms = 60000\n[test_faults]\nlog_fail_at = 2\n");
+    // (Deadlines far out: on a loaded machine the re-prompt must not be mistaken for the reply.)
+    let server = Server::start(
+        "[call]\nfiller_after_ms = 60000\nreply_deadline_ms = 120000\nllm_timeout_ms = 60000\n\
+         [test_faults]\nlog_fail_at = 2\n",
+    );
     let addr = server.addr.clone();
 
     // Two live calls with the same UUID, each sends a keypad utterance.
