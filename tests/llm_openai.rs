@@ -159,7 +159,13 @@ fn a_call_is_answered_through_an_openai_compatible_server() {
     let _g = serial();
     let llama = LlamaServer::start();
     let server = Server::start(&openai_config(llama.port, ""));
-    let r = server.simulate(&["--wav", &audio("book_appointment.8k.wav").display().to_string()]);
+    // Held on the line: on a loaded machine the filler may come first and end the reply wait.
+    let r = server.simulate(&[
+        "--wav",
+        &audio("book_appointment.8k.wav").display().to_string(),
+        "--hold-ms",
+        "15000",
+    ]);
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "call ended", 10);
     println!("{r}");
@@ -191,7 +197,7 @@ fn server_killed_mid_reply_falls_back_without_dead_air() {
         proxy,
         &format!("[call]\nllm_retries = 1\nfallback_llm = \"{}\"\n", gguf().display()),
     ));
-    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1]]);
+    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1], "--hold-ms", "15000"]);
     let id = r["call_id"].as_str().unwrap();
     let lines = server.wait_call_line(id, "call ended", 10);
     println!("{r}\n{lines:#?}");
@@ -215,7 +221,7 @@ fn server_killed_mid_reply_falls_back_without_dead_air() {
     let llama = LlamaServer::start();
     let proxy = killing_proxy(&llama);
     let server = Server::start(&openai_config(proxy, "[call]\nllm_retries = 1\n"));
-    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1]]);
+    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1], "--hold-ms", "15000"]);
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "agent hung up (LLM failure)", 10);
     println!("{r}");
