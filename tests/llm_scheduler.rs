@@ -73,7 +73,8 @@ const CALLERS: [&str; 3] = [
 
 #[test]
 fn concurrent_sessions_get_their_own_replies() {
-    let e = engine();
+    // Its own engine: the other tests' sessions must not share the "alone" decodes.
+    let e = load(4, LlmScheduler::Batched);
     // Each question alone first: the reference replies.
     let alone: Vec<String> = CALLERS
         .iter()
