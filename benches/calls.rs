@@ -125,7 +125,12 @@ fn main() {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
-    let stt_kb = stt_kb_per_call(&wavs, 4);
+    // BENCH_STT_SHARE=0 skips the in-process Vosk measurement (it takes a while).
+    let stt_kb = if std::env::var("BENCH_STT_SHARE").as_deref() == Ok("0") {
+        f64::NAN
+    } else {
+        stt_kb_per_call(&wavs, 4)
+    };
     println!(
         "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB",
         stt_kb / 1024.0

@@ -159,7 +159,13 @@ fn a_call_is_answered_through_an_openai_compatible_server() {
     let _g = serial();
     let llama = LlamaServer::start();
     let server = Server::start(&openai_config(llama.port, ""));
-    let r = server.simulate(&["--wav", &audio("book_appointment.8k.wav").display().to_string()]);
+    // Held on the line: on a loaded machine the filler may come first and end the reply wait.
+    let r = server.simulate(&[
+        "--wav",
+        &audio("book_appointment.8k.wav").display().to_string(),
+        "--hold-ms",
+        "15000",
+    ]);
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "call ended", 10);
     println!("{r}");
@@ -191,7 +197,7 @@ fn server_killed_mid_reply_falls_back_without_dead_air() {
         proxy,
         &format!("[call]\nllm_retries = 1\nfallback_llm = \"{}\"\n", gguf().display()),
     ));
-    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1]]);
+    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1], "--hold-ms", "15000"]);
     let id = r["call_id"].as_str().unwrap();
     let lines = server.wait_call_line(id, "call ended", 10);
     println!("{r}\n{lines:#?}");
@@ -215,7 +221,7 @@ fn server_killed_mid_reply_falls_back_without_dead_air() {
     let llama = LlamaServer::start();
     let proxy = killing_proxy(&llama);
     let server = Server::start(&openai_config(proxy, "[call]\nllm_retries = 1\n"));
-    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1]]);
+    let r = server.simulate(&["--wav", &wavs[0], "--wav", &wavs[1], "--hold-ms", "15000"]);
     let id = r["call_id"].as_str().unwrap();
     server.wait_call_line(id, "agent hung up (LLM failure)", 10);
     println!("{r}");
@@ -244,4 +250,82 @@ fn unreachable_base_url_stops_start_up_naming_the_key() {
         err.contains("llm.base_url") && err.contains(&format!("127.0.0.1:{dead}")) && err.contains("unreachable"),
         "{err}"
     );
+}
+
+/// The session API straight against the server (no call, no STT): tokens stream in, then
+/// `Done`; after the server is killed mid-reply the reply ends with an `Error` (the call turns
+/// that into retries, the fallback model or the apology, see above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_stream_from_the_server_and_fail_cleanly_when_it_dies() {
+    use asterisk_voice_agent::config::{LlmBackendKind, LlmConfig};
+    use asterisk_voice_agent::llm::{LlmEngine, LlmEvent, LlmSession, Message, Role};
+    use std::sync::atomic::AtomicBool;
+    let llama = tokio::task::spawn_blocking(LlamaServer::start).await.unwrap();
+    let proxy = killing_proxy(&llama);
+    let cfg = LlmConfig {
+        backend: LlmBackendKind::Openai,
+        base_url: Some(format!("http://127.0.0.1:{}/v1", llama.port)),
+        temperature: 0.0,
+        // Generous: the shared 2-core test machine can be very loaded.
+        read_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    let direct = Arc::new(LlmEngine::openai(&cfg).unwrap());
+    let history = |caller: &str| {
+        vec![
+            Message {
+                role: Role::System,
+                text: "You are a friendly phone receptionist. Answer in one short sentence.".into(),
+            },
+            Message {
+                role: Role::User,
+                text: caller.into(),
+            },
+        ]
+    };
+    let session = LlmSession::start(direct, "openai-direct").unwrap();
+    let mut rx = session.generate(history("What time do you open?"), 30, Arc::new(AtomicBool::new(false)));
+    let (mut text, mut done) = (String::new(), None);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            LlmEvent::Token(t) => text.push_str(&t),
+            LlmEvent::Done(s) => done = Some(s),
+            other => panic!("{other:?} after {text:?}"),
+        }
+    }
+    let stats = done.expect("a Done");
+    assert!(
+        !text.trim().is_empty() && stats.generated_tokens > 0,
+        "{text:?} {stats:?}"
+    );
+    assert!(stats.first_token_ms.is_some());
+
+    // Through the proxy that kills the server at the first streamed text.
+    let cfg = LlmConfig {
+        base_url: Some(format!("http://127.0.0.1:{proxy}/v1")),
+        ..cfg
+    };
+    let session = LlmSession::start(Arc::new(LlmEngine::openai(&cfg).unwrap()), "openai-killed").unwrap();
+    let mut rx = session.generate(
+        history("Tell me about your shop."),
+        60,
+        Arc::new(AtomicBool::new(false)),
+    );
+    let mut events = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        events.push(ev);
+    }
+    assert!(
+        matches!(events.last(), Some(LlmEvent::Error(_))),
+        "the reply must end with an error: {events:?}"
+    );
+    // The next request fails at once (connection refused), it does not hang.
+    let t = Instant::now();
+    let mut rx = session.generate(history("Hello?"), 10, Arc::new(AtomicBool::new(false)));
+    let mut last = None;
+    while let Some(ev) = rx.recv().await {
+        last = Some(ev);
+    }
+    assert!(matches!(last, Some(LlmEvent::Error(_))), "{last:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
