@@ -29,6 +29,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const RATE: u32 = 8000;
+
+thread_local! {
+    static FEATURES_MS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 const FRAME: usize = 160; // 20 ms at 8 kHz
 
 struct Clip {
@@ -106,9 +110,7 @@ fn clips() -> Vec<Clip> {
         let last = v.iter().rposition(|&x| x).unwrap();
         let (lo, hi) = (first + (last - first) * 35 / 100, first + (last - first) * 65 / 100);
         let db: Vec<f32> = s.chunks(FRAME).map(rms_dbfs).collect();
-        let cut = (lo..hi)
-            .min_by(|&a, &b| db[a].partial_cmp(&db[b]).unwrap())
-            .unwrap();
+        let cut = (lo..hi).min_by(|&a, &b| db[a].partial_cmp(&db[b]).unwrap()).unwrap();
         for gap in [300u32, 600, 900, 1200] {
             let mut x = s[..cut * FRAME].to_vec();
             x.extend(std::iter::repeat_n(0i16, (gap * RATE / 1000) as usize));
@@ -150,7 +152,14 @@ struct Outcome {
 }
 
 /// Streams a clip through VAD + policy; returns cut-ins and the end-of-turn delay.
-fn run(clip: &Clip, turn: &TurnConfig, vad_cfg: &VadConfig, model: Option<&SmartTurn>, infer: &mut Vec<f32>, silero: Option<&Arc<asterisk_voice_agent::silero::SileroModel>>) -> Outcome {
+fn run(
+    clip: &Clip,
+    turn: &TurnConfig,
+    vad_cfg: &VadConfig,
+    model: Option<&SmartTurn>,
+    infer: &mut Vec<f32>,
+    silero: Option<&Arc<asterisk_voice_agent::silero::SileroModel>>,
+) -> Outcome {
     let mut vcfg = vad_cfg.clone();
     if turn.mode == TurnMode::Smart {
         vcfg.end_silence_ms = turn.max_end_silence_ms;
@@ -194,6 +203,7 @@ fn run(clip: &Clip, turn: &TurnConfig, vad_cfg: &VadConfig, model: Option<&Smart
                 Action::AskTurnModel { pause } => {
                     let v = model.expect("smart mode has a model").predict(&utter, RATE).unwrap();
                     infer.push(v.ms);
+                    FEATURES_MS.with(|f| f.borrow_mut().push(v.features_ms));
                     due.push((now + v.ms.round() as u32, pause, v.probability));
                 }
                 Action::EndTurn(_) => {
@@ -229,7 +239,9 @@ fn pct(v: &[u32], p: f64) -> u32 {
     }
     let mut v = v.to_vec();
     v.sort_unstable();
-    v[(((v.len() as f64) * p).ceil() as usize).saturating_sub(1).min(v.len() - 1)]
+    v[(((v.len() as f64) * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
 }
 
 fn main() {
@@ -246,7 +258,9 @@ fn main() {
             let p = std::env::var_os("SILERO_MODEL")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join("mirror/turn/silero_vad.onnx"));
-            Some(Arc::new(asterisk_voice_agent::silero::SileroModel::load(&p, &ort).unwrap()))
+            Some(Arc::new(
+                asterisk_voice_agent::silero::SileroModel::load(&p, &ort).unwrap(),
+            ))
         }
         _ => None,
     };
@@ -310,7 +324,10 @@ fn main() {
                 None => missed += 1,
             }
             if std::env::var_os("VERBOSE").is_some() {
-                println!("   {name} {}: {} of {} pauses cut, delay {:?}", c.name, o.cut_ins, o.pauses, o.delay_ms);
+                println!(
+                    "   {name} {}: {} of {} pauses cut, delay {:?}",
+                    c.name, o.cut_ins, o.pauses, o.delay_ms
+                );
             }
         }
         println!(
@@ -325,13 +342,15 @@ fn main() {
         if !infer.is_empty() {
             let mut v: Vec<u32> = infer.iter().map(|x| x.round() as u32).collect();
             v.sort_unstable();
+            let f: Vec<u32> = FEATURES_MS.with(|f| f.borrow_mut().drain(..).map(|x| x.round() as u32).collect());
             println!(
-                "{:<16}   Smart Turn: {} inferences, p50 {} ms, p95 {} ms, max {} ms",
+                "{:<16}   Smart Turn: {} inferences, p50 {} ms, p95 {} ms, max {} ms (of which log-mel features p50 {} ms)",
                 "",
                 v.len(),
                 pct(&v, 0.5),
                 pct(&v, 0.95),
-                v[v.len() - 1]
+                v[v.len() - 1],
+                pct(&f, 0.5)
             );
         }
     }

@@ -1219,7 +1219,9 @@ impl Call {
     fn maybe_finish_turn(&mut self) {
         let Some(turn) = &self.turn else { return };
         if turn.speculative.is_none()
-            && turn.full_text.is_some() && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply) {
+            && turn.full_text.is_some()
+            && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply)
+        {
             let turn = self.turn.take().unwrap();
             self.finish_turn(turn, false);
         }

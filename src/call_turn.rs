@@ -72,7 +72,9 @@ impl Call {
     pub(super) fn apply_turn(&mut self, action: turn::Action) {
         match action {
             turn::Action::AskTurnModel { pause } => {
-                let Some(model) = self.shared.engines.turn.clone() else { return };
+                let Some(model) = self.shared.engines.turn.clone() else {
+                    return;
+                };
                 let samples: Vec<i16> = self.utterance.iter().copied().collect();
                 let rate_hz = self.in_rate.map_or(8000, |r| r.hz());
                 let tx = self.turn_tx.clone();
@@ -118,7 +120,10 @@ impl Call {
         }
         debug!(text = %text, "speculative reply started");
         let mut messages = self.history.clone();
-        messages.push(Message { role: Role::User, text: text.clone() });
+        messages.push(Message {
+            role: Role::User,
+            text: text.clone(),
+        });
         let keep = 1 + 2 * self.shared.cfg.agent.history_turns;
         if messages.len() > keep {
             messages.drain(1..messages.len() - keep + 1);

@@ -55,13 +55,14 @@ pub enum TurnMode {
 #[serde(default, deny_unknown_fields)]
 pub struct TurnConfig {
     /// `"smart"` (the Smart Turn v3.2 model decides at each pause) or `"silence"` (the fixed
-    /// `vad.end_silence_ms` timer). Default "smart".
+    /// `vad.end_silence_ms` timer). Default "silence": on our material Smart Turn did not cut
+    /// in less than the timer (docs/turns.md).
     pub mode: TurnMode,
     /// Silence (ms) after speech before the turn model is asked (and asked again after each
     /// further `min_pause_ms` while it says "not finished"); also when the speculative reply
     /// starts. Default 200.
     pub min_pause_ms: u32,
-    /// Smart Turn probability (0..1) at or above which the turn is over. Default 0.5.
+    /// Smart Turn probability (0..1) at or above which the turn is over. Default 0.7.
     pub threshold: f32,
     /// In smart mode, silence (ms) that always ends the turn whatever the model says (replaces
     /// `vad.end_silence_ms`). Default 1200.
@@ -75,9 +76,9 @@ pub struct TurnConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
-            mode: TurnMode::Smart,
+            mode: TurnMode::Silence,
             min_pause_ms: 200,
-            threshold: 0.5,
+            threshold: 0.7,
             max_end_silence_ms: 1200,
             speculative: true,
         }

@@ -307,8 +307,14 @@ impl Engines {
 /// / `[models] vad`, else the manifest's model of that kind.
 fn pick_onnx_model(cfg: &Config, manifest: &Result<Manifest>, kind: crate::models::ModelKind) -> Result<PathBuf> {
     let (explicit, why) = match kind {
-        crate::models::ModelKind::Turn => (&cfg.models.turn, "turn.mode is \"smart\" (or set [turn] mode = \"silence\")"),
-        _ => (&cfg.models.vad, "vad.engine is \"silero\" (or set [vad] engine = \"earshot\")"),
+        crate::models::ModelKind::Turn => (
+            &cfg.models.turn,
+            "turn.mode is \"smart\" (or set [turn] mode = \"silence\")",
+        ),
+        _ => (
+            &cfg.models.vad,
+            "vad.engine is \"silero\" (or set [vad] engine = \"earshot\")",
+        ),
     };
     if let Some(p) = explicit {
         return Ok(p.clone());

@@ -145,6 +145,16 @@ pub fn log_mel(audio: &[f32]) -> Vec<f32> {
     out
 }
 
+/// ONNX Runtime threads for one inference: `AVA_TURN_THREADS`, default 1 (the verdicts of
+/// several calls then run side by side instead of fighting for the same cores).
+fn intra_threads() -> usize {
+    std::env::var("AVA_TURN_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 /// A verdict of the model.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Verdict {
@@ -152,6 +162,8 @@ pub struct Verdict {
     pub probability: f32,
     /// Time the features and the inference took (ms).
     pub ms: f32,
+    /// Of which the log-mel features (ms).
+    pub features_ms: f32,
 }
 
 /// The loaded Smart Turn model, shared by all calls (behind a mutex: one inference at a time,
@@ -178,7 +190,12 @@ impl SmartTurn {
             .with_context(|| format!("cannot load ONNX Runtime from {}", onnxruntime.display()))?
             .commit();
         let session = ort::session::Session::builder()
-            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| {
+                b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
+                    .map_err(Into::into)
+            })
+            .and_then(|b| b.with_intra_threads(intra_threads()).map_err(Into::into))
+            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
             .and_then(|mut b| b.commit_from_file(onnx))
             .with_context(|| format!("ONNX Runtime could not load the turn model {}", onnx.display()))?;
         let st = SmartTurn {
@@ -206,6 +223,7 @@ impl SmartTurn {
         };
         let audio: Vec<f32> = pcm.iter().map(|&s| s as f32 / 32768.0).collect();
         let feats = log_mel(&audio);
+        let features_ms = t.elapsed().as_secs_f32() * 1000.0;
         let input = ort::value::Tensor::from_array(([1usize, N_MELS, N_FRAMES], feats))?;
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let outputs = session.run(ort::inputs!["input_features" => input])?;
@@ -214,6 +232,7 @@ impl SmartTurn {
         Ok(Verdict {
             probability,
             ms: t.elapsed().as_secs_f32() * 1000.0,
+            features_ms,
         })
     }
 }
@@ -235,7 +254,9 @@ mod tests {
         assert_eq!(f.len(), N_MELS);
         assert!(f.iter().all(|r| r.len() == N_FFT / 2 + 1));
         // every filter has some weight, none negative
-        assert!(f.iter().all(|r| r.iter().any(|&w| w > 0.0) && r.iter().all(|&w| w >= 0.0)));
+        assert!(f
+            .iter()
+            .all(|r| r.iter().any(|&w| w > 0.0) && r.iter().all(|&w| w >= 0.0)));
     }
 
     #[test]
@@ -252,12 +273,12 @@ mod tests {
     fn features_match_the_reference() {
         let r: serde_json::Value =
             serde_json::from_str(include_str!("../tests/fixtures/smart_turn_features.json")).unwrap();
-        let wav = hound::WavReader::open(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/opening_hours.8k.wav"))
-            .unwrap();
-        let audio: Vec<f32> = wav
-            .into_samples::<i16>()
-            .map(|s| s.unwrap() as f32 / 32768.0)
-            .collect();
+        let wav = hound::WavReader::open(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/opening_hours.8k.wav"
+        ))
+        .unwrap();
+        let audio: Vec<f32> = wav.into_samples::<i16>().map(|s| s.unwrap() as f32 / 32768.0).collect();
         let m = log_mel(&audio);
         let mut worst = 0f32;
         let frames = r["frames"].as_array().unwrap();

@@ -282,11 +282,20 @@ mod tests {
                 (silence(200), vec![AskTurnModel { pause: 1 }]),
                 // no second question while one is out
                 (silence(220), vec![]),
-                (Verdict { pause: 1, probability: 0.9 }, vec![EndTurn(EndWhy::Model)]),
+                (
+                    Verdict {
+                        pause: 1,
+                        probability: 0.9,
+                    },
+                    vec![EndTurn(EndWhy::Model)],
+                ),
                 // later silence and the VAD's own end change nothing
                 (silence(400), vec![]),
                 (VadEnd, vec![]),
-                (Final { text: "hello".into() }, vec![StartReply { text: "hello".into() }]),
+                (
+                    Final { text: "hello".into() },
+                    vec![StartReply { text: "hello".into() }],
+                ),
             ],
         );
     }
@@ -299,14 +308,32 @@ mod tests {
             vec![
                 (SpeechStart, vec![]),
                 (silence(200), vec![AskTurnModel { pause: 1 }]),
-                (Verdict { pause: 1, probability: 0.2 }, vec![]),
+                (
+                    Verdict {
+                        pause: 1,
+                        probability: 0.2,
+                    },
+                    vec![],
+                ),
                 (silence(300), vec![]),
                 (silence(400), vec![AskTurnModel { pause: 1 }]),
                 // the caller goes on: the late verdict of the old pause is ignored
                 (silence(0), vec![]),
-                (Verdict { pause: 1, probability: 0.99 }, vec![]),
+                (
+                    Verdict {
+                        pause: 1,
+                        probability: 0.99,
+                    },
+                    vec![],
+                ),
                 (silence(200), vec![AskTurnModel { pause: 2 }]),
-                (Verdict { pause: 2, probability: 0.1 }, vec![]),
+                (
+                    Verdict {
+                        pause: 2,
+                        probability: 0.1,
+                    },
+                    vec![],
+                ),
                 // the fallback timer always ends it
                 (VadEnd, vec![EndTurn(EndWhy::Silence)]),
             ],
@@ -330,16 +357,29 @@ mod tests {
             &mut p,
             vec![
                 (SpeechStart, vec![]),
+                (silence(200), vec![AskTurnModel { pause: 1 }, AskTextSoFar { pause: 1 }]),
                 (
-                    silence(200),
-                    vec![AskTurnModel { pause: 1 }, AskTextSoFar { pause: 1 }],
+                    TextSoFar {
+                        pause: 1,
+                        text: "what time do you open".into(),
+                    },
+                    vec![StartSpeculative {
+                        text: "what time do you open".into(),
+                    }],
                 ),
                 (
-                    TextSoFar { pause: 1, text: "what time do you open".into() },
-                    vec![StartSpeculative { text: "what time do you open".into() }],
+                    Verdict {
+                        pause: 1,
+                        probability: 0.8,
+                    },
+                    vec![EndTurn(EndWhy::Model)],
                 ),
-                (Verdict { pause: 1, probability: 0.8 }, vec![EndTurn(EndWhy::Model)]),
-                (Final { text: "what time do you open".into() }, vec![CommitSpeculative]),
+                (
+                    Final {
+                        text: "what time do you open".into(),
+                    },
+                    vec![CommitSpeculative],
+                ),
             ],
         );
         assert!(!p.has_speculative());
@@ -352,33 +392,62 @@ mod tests {
             &mut p,
             vec![
                 (SpeechStart, vec![]),
+                (silence(200), vec![AskTurnModel { pause: 1 }, AskTextSoFar { pause: 1 }]),
                 (
-                    silence(200),
-                    vec![AskTurnModel { pause: 1 }, AskTextSoFar { pause: 1 }],
+                    TextSoFar {
+                        pause: 1,
+                        text: "I would like".into(),
+                    },
+                    vec![StartSpeculative {
+                        text: "I would like".into(),
+                    }],
                 ),
                 (
-                    TextSoFar { pause: 1, text: "I would like".into() },
-                    vec![StartSpeculative { text: "I would like".into() }],
+                    Verdict {
+                        pause: 1,
+                        probability: 0.1,
+                    },
+                    vec![],
                 ),
-                (Verdict { pause: 1, probability: 0.1 }, vec![]),
                 // speech again: drop it
                 (silence(0), vec![DropSpeculative]),
                 (silence(40), vec![]),
-                (
-                    silence(200),
-                    vec![AskTurnModel { pause: 2 }, AskTextSoFar { pause: 2 }],
-                ),
+                (silence(200), vec![AskTurnModel { pause: 2 }, AskTextSoFar { pause: 2 }]),
                 // the old pause's text comes too late to start anything
-                (TextSoFar { pause: 1, text: "I would like".into() }, vec![]),
                 (
-                    TextSoFar { pause: 2, text: "I would like a table".into() },
-                    vec![StartSpeculative { text: "I would like a table".into() }],
+                    TextSoFar {
+                        pause: 1,
+                        text: "I would like".into(),
+                    },
+                    vec![],
                 ),
-                (Verdict { pause: 2, probability: 0.7 }, vec![EndTurn(EndWhy::Model)]),
+                (
+                    TextSoFar {
+                        pause: 2,
+                        text: "I would like a table".into(),
+                    },
+                    vec![StartSpeculative {
+                        text: "I would like a table".into(),
+                    }],
+                ),
+                (
+                    Verdict {
+                        pause: 2,
+                        probability: 0.7,
+                    },
+                    vec![EndTurn(EndWhy::Model)],
+                ),
                 // the final differs: drop and start again from it
                 (
-                    Final { text: "I would like a table for two".into() },
-                    vec![DropSpeculative, StartReply { text: "I would like a table for two".into() }],
+                    Final {
+                        text: "I would like a table for two".into(),
+                    },
+                    vec![
+                        DropSpeculative,
+                        StartReply {
+                            text: "I would like a table for two".into(),
+                        },
+                    ],
                 ),
             ],
         );
@@ -392,11 +461,20 @@ mod tests {
             vec![
                 (SpeechStart, vec![]),
                 (silence(200), vec![AskTextSoFar { pause: 1 }]),
-                (TextSoFar { pause: 1, text: String::new() }, vec![]),
+                (
+                    TextSoFar {
+                        pause: 1,
+                        text: String::new(),
+                    },
+                    vec![],
+                ),
                 (silence(0), vec![]),
                 (silence(200), vec![AskTextSoFar { pause: 2 }]),
                 (
-                    TextSoFar { pause: 2, text: "yes".into() },
+                    TextSoFar {
+                        pause: 2,
+                        text: "yes".into(),
+                    },
                     vec![StartSpeculative { text: "yes".into() }],
                 ),
                 (silence(220), vec![]),
