@@ -89,3 +89,4 @@ unzip_member "$SPEECH_WHL" moonshine_voice/assets/beckett.wav "$MIRROR/speech/be
 unzip_member "$SPEECH_WHL" moonshine_voice/assets/two_cities.wav "$MIRROR/speech/two_cities.wav"
 
 log "ok: native libs in $LIB_DIR, test models in $MIRROR"
+"$(dirname "$0")/deps-console.sh"   # issue 11: ALSA headers, PulseAudio for the console tests

@@ -7,7 +7,7 @@
 //! call limits, and ending the call with a hangup or a transfer decision.
 
 use crate::audio::{bytes_to_samples, ulaw_to_linear, Encoding, UlawDetector};
-use crate::audiosocket::{AudioRate, ConnectionError, Frame, FrameReader, FrameWriter};
+use crate::audiosocket::{AudioRate, ConnectionError, Frame};
 use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
 use crate::directory::{CallDirectory, Decision};
@@ -15,13 +15,13 @@ use crate::engines::Engines;
 use crate::events::{CallEventKind, CallState, CallerInfo, EventBus};
 use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
 use crate::stt::{SttResult, SttStream};
+use crate::transport::{CallInput, CallOutput};
 use crate::tts::{SentenceSplitter, TtsEngine};
 use crate::vad::{Vad, VadEvent};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn, Instrument};
@@ -82,14 +82,14 @@ pub const FRAME_MS: u64 = 20;
 /// Runs one call on an accepted connection until it ends. Never panics on bad input: a
 /// malformed frame ends this call only. Returns how it ended (already logged).
 pub async fn run<R, W>(
-    mut reader: FrameReader<R>,
-    mut writer: FrameWriter<W>,
+    mut reader: R,
+    mut writer: W,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> CallEnd
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: CallInput,
+    W: CallOutput,
 {
     let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
     let call_id = match tokio::time::timeout(id_timeout, reader.read_frame()).await {
@@ -168,7 +168,7 @@ where
 
 /// Logs how the call ended and closes the socket: a hangup frame and a FIN when the agent
 /// ends the call, a FIN when the caller did (never a reset).
-async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd) {
+async fn close<W: CallOutput>(writer: &mut W, end: &CallEnd) {
     match end {
         CallEnd::Error(msg) => {
             error!("call ended by error: {msg}");
@@ -179,13 +179,13 @@ async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd
             info!("call ended: agent hung up ({why})");
         }
         CallEnd::CallerHangup => {
-            let _ = writer.shutdown().await;
+            let _ = writer.close().await;
             info!("call ended: caller hung up");
         }
     }
 }
 
-async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String) -> CallEnd {
+async fn fail<W: CallOutput>(writer: &mut W, msg: String) -> CallEnd {
     error!("{msg}");
     let _ = writer.hangup().await;
     CallEnd::Error(msg)
@@ -390,15 +390,10 @@ impl Call {
         })
     }
 
-    async fn run<R, W>(
-        &mut self,
-        reader: &mut FrameReader<R>,
-        writer: &mut FrameWriter<W>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> CallEnd
+    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W, shutdown: &mut watch::Receiver<bool>) -> CallEnd
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: CallInput,
+        W: CallOutput,
     {
         // The greeting was synthesized at start-up: queue it before the first tick.
         let greeting = self.shared.cfg.agent.greeting.clone();
