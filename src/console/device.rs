@@ -45,6 +45,10 @@ const PLAYBACK_HIGH_WATER_MS: u32 = 140;
 /// A microphone that delivers nothing for this long is gone (ms).
 const INPUT_STALL_MS: u64 = 2000;
 
+/// Muted microphone frames louder than this (dBFS) are counted in [`ConsoleInput::gated_frames`]
+/// (the VAD's default energy floor: quieter frames were never speech anyway).
+const MUTED_COUNT_FLOOR_DBFS: f32 = -70.0;
+
 /// How often the call side looks for new microphone audio (ms).
 const POLL_MS: u64 = 5;
 
@@ -519,7 +523,8 @@ pub struct ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// A counter of the 20 ms microphone frames the echo gate turned to silence.
+    /// A counter of the 20 ms microphone frames with sound in them that the echo gate turned
+    /// to silence.
     pub fn gated_frames(&self) -> Arc<AtomicU64> {
         self.gated_frames.clone()
     }
@@ -535,9 +540,12 @@ impl ConsoleInput {
         let reference = self
             .reference
             .loudest(Instant::now(), Duration::from_millis(ECHO_TAIL_MS));
-        if !self.gate.pass(rms_dbfs(frame), reference) {
+        let level = rms_dbfs(frame);
+        if !self.gate.pass(level, reference) {
+            if level > MUTED_COUNT_FLOOR_DBFS {
+                self.gated_frames.fetch_add(1, Ordering::Relaxed);
+            }
             frame.fill(0);
-            self.gated_frames.fetch_add(1, Ordering::Relaxed);
         }
         let mut payload = BytesMut::with_capacity(n * 2);
         for s in frame.iter() {
@@ -569,7 +577,7 @@ impl CallInput for ConsoleInput {
             }
             if let Some(e) = self.status.error() {
                 return Err(ConnectionError::Device(format!(
-                    "the microphone {} failed: {e}",
+                    "the microphone {} failed (unplugged, or the sound server stopped?): {e}",
                     self.name
                 )));
             }
@@ -615,7 +623,10 @@ impl ConsoleOutput {
 
     fn check(&self) -> std::io::Result<()> {
         match self.status.error() {
-            Some(e) => Err(std::io::Error::other(format!("the speaker {} failed: {e}", self.name))),
+            Some(e) => Err(std::io::Error::other(format!(
+                "the speaker {} failed (unplugged, or the sound server stopped?): {e}",
+                self.name
+            ))),
             None => Ok(()),
         }
     }

@@ -145,7 +145,7 @@ pub fn main(args: ConsoleArgs) -> Result<ExitCode> {
     drop(capture);
     drop(playback);
     eprintln!(
-        "echo gate muted {} microphone frames (20 ms each)",
+        "echo gate muted {} microphone frames with sound (20 ms each)",
         gated.load(Ordering::Relaxed)
     );
     rt.shutdown_timeout(Duration::from_secs(1));
