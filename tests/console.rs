@@ -340,12 +340,9 @@ fn console_call_greets_answers_and_says_goodbye_on_ctrl_c() {
         stretches.len() >= 3,
         "expected greeting, reply and goodbye: {stretches:?}"
     );
-    assert!(
-        stretches[0].1 - stretches[0].0 >= 1500,
-        "greeting too short: {stretches:?}"
-    );
-    let after_greeting: usize = stretches[1..].iter().map(|(s, e)| e - s).sum();
-    assert!(after_greeting >= 800, "reply and goodbye too short: {stretches:?}");
+    // (Not the greeting's length alone: on a starved machine the sound server may stall it.)
+    let total: usize = stretches.iter().map(|(s, e)| e - s).sum();
+    assert!(total >= 3000, "greeting, reply and goodbye too short: {stretches:?}");
     assert!(!c.log().contains("panicked"), "{}", c.log());
 }
 
