@@ -42,9 +42,6 @@ const PLAYBACK_PREFILL_MS: u32 = 60;
 /// sound card's clock drift apart, and this keeps the latency bounded.
 const PLAYBACK_HIGH_WATER_MS: u32 = 140;
 
-/// The longest a full playback buffer holds the call back before agent audio is dropped (ms).
-const PLAYBACK_STALL_MS: u64 = 1000;
-
 /// A microphone that delivers nothing for this long is gone (ms).
 const INPUT_STALL_MS: u64 = 2000;
 
@@ -652,13 +649,6 @@ impl CallOutput for ConsoleOutput {
         let (_, resampler) = self.resampler.as_mut().expect("set above");
         self.scratch.clear();
         resampler.push(samples, &mut self.scratch);
-        // A stalled speaker (a starved sound server) holds the call back for up to
-        // PLAYBACK_STALL_MS rather than losing the words; past that, the excess is dropped.
-        let deadline = Instant::now() + Duration::from_millis(PLAYBACK_STALL_MS);
-        while self.ring.slots() < self.scratch.len() && Instant::now() < deadline {
-            self.check()?;
-            tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-        }
         for &s in &self.scratch {
             if self.ring.push(s as f32 / 32768.0).is_err() {
                 self.dropped += 1;
