@@ -9,7 +9,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-pip \
  && ./scripts/install-deps.sh && cargo build --release --locked
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libsonic0 libgomp1 espeak-ng-data ca-certificates \
+RUN apt-get update && apt-get install -y --no-install-recommends libsonic0 libgomp1 espeak-ng-data libasound2 ca-certificates \
  && rm -rf /var/lib/apt/lists/* && useradd --system asterisk-voice-agent
 COPY --from=build /opt/ava/target/release/asterisk-voice-agent /usr/bin/
 COPY --from=build /opt/ava/lib/libvosk.so /opt/ava/lib/libonnxruntime.so.1 /usr/lib/asterisk-voice-agent/

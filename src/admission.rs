@@ -10,6 +10,7 @@
 //! followed by a close makes `AudioSocket()` return 0, so the dialplan goes on; 8 kHz slin
 //! (kind 0x10) is accepted on every call.
 
+use crate::transport::{CallInput, CallOutput};
 use crate::audiosocket::{AudioRate, Frame, FrameReader, FrameWriter};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,7 +33,7 @@ pub const SHORT_LINGER: Duration = Duration::from_millis(200);
 /// # Errors
 /// A message saying what came instead (another frame, EOF, a bad frame, nothing in time); the
 /// caller logs it and closes the connection.
-pub async fn read_id<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>, timeout: Duration) -> Result<Uuid, String> {
+pub async fn read_id<R: CallInput>(reader: &mut R, timeout: Duration) -> Result<Uuid, String> {
     match tokio::time::timeout(timeout, reader.read_frame()).await {
         Ok(Ok(Some(Frame::Id(uuid)))) => Ok(uuid),
         Ok(Ok(Some(other))) => Err(format!(
@@ -51,22 +52,16 @@ pub async fn read_id<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>, timeout:
 /// `write_timeout`), then a FIN, then reads and discards whatever the peer still sends until
 /// its FIN or `linger` (closing with unread bytes would send a reset). Returns true if the
 /// peer's FIN arrived.
-pub async fn close<R, W>(
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
+pub async fn close<R: CallInput, W: CallOutput>(
+    reader: &mut R,
+    writer: &mut W,
     hangup: bool,
     write_timeout: Duration,
     linger: Duration,
-) -> bool
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+) -> bool {
     let write = async {
-        if hangup {
-            let _ = writer.write_frame(&Frame::Hangup).await;
-        }
-        let _ = writer.shutdown().await;
+        // A hangup frame then a FIN, or (the caller hung up) the FIN alone.
+        let _ = if hangup { writer.hangup().await } else { writer.close().await };
     };
     let _ = tokio::time::timeout(write_timeout, write).await;
     reader.drain(linger).await
@@ -82,8 +77,8 @@ pub async fn play_busy<R, W>(
     write_timeout: Duration,
     stop: &Notify,
 ) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
 {
     let n = AudioRate::Slin8.samples_per_20ms();
     let mut tick = tokio::time::interval(Duration::from_millis(crate::call::FRAME_MS));

@@ -7,7 +7,7 @@
 //! call limits, and ending the call with a hangup or a transfer decision.
 
 use crate::audio::{bytes_to_samples, ulaw_to_linear, Encoding, UlawDetector};
-use crate::audiosocket::{AudioRate, ConnectionError, Frame, FrameReader, FrameWriter};
+use crate::audiosocket::{AudioRate, ConnectionError, Frame};
 use crate::config::{CallConfig, Config, FaultsConfig};
 use crate::conversation::{ConversationLog, Entry, Speaker, TurnTimings};
 use crate::deadair::{DeadAir, DeadAirAction, Deadlines};
@@ -17,6 +17,7 @@ use crate::events::{CallEventKind, CallState, CallerInfo, EventBus};
 use crate::llm::{Action, ActionSpec, LlmEvent, LlmSession, Message, Role};
 use crate::logsafe;
 use crate::stt::{SttResult, SttStream};
+use crate::transport::{CallInput, CallOutput};
 use crate::tts::{SentenceSplitter, TtsEngine};
 use crate::turn::{self, TurnPolicy};
 use crate::vad::{Vad, VadEvent};
@@ -24,7 +25,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn, Instrument};
@@ -90,14 +90,14 @@ pub const FRAME_MS: u64 = 20;
 /// `server.id_timeout_ms`), then [`answer`]s. Never panics on bad input: a malformed frame ends
 /// this call only. Returns how it ended (already logged).
 pub async fn run<R, W>(
-    mut reader: FrameReader<R>,
-    mut writer: FrameWriter<W>,
+    mut reader: R,
+    mut writer: W,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) -> CallEnd
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: CallInput,
+    W: CallOutput,
 {
     let id_timeout = Duration::from_millis(shared.cfg.server.id_timeout_ms);
     match crate::admission::read_id(&mut reader, id_timeout).await {
@@ -117,14 +117,14 @@ where
 pub async fn answer<R, W>(
     call_id: uuid::Uuid,
     label: String,
-    mut reader: FrameReader<R>,
-    mut writer: FrameWriter<W>,
+    mut reader: R,
+    mut writer: W,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> CallEnd
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    R: CallInput,
+    W: CallOutput,
 {
     let span = tracing::info_span!("call", call_id = %label);
     async move {
@@ -185,11 +185,7 @@ where
 /// Logs how the call ended and closes the socket: a hangup frame and a FIN when the agent
 /// ends the call, a FIN when the caller did, then the read side drained until the peer's FIN
 /// (never a reset). Writes are bounded by `write_timeout`.
-async fn close<R, W>(reader: &mut FrameReader<R>, writer: &mut FrameWriter<W>, end: &CallEnd, write_timeout: Duration)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+async fn close<R: CallInput, W: CallOutput>(reader: &mut R, writer: &mut W, end: &CallEnd, write_timeout: Duration) {
     let hangup = match end {
         CallEnd::Error(msg) => {
             error!("call ended by error: {msg}");
@@ -467,15 +463,10 @@ impl Call {
         self.llm.clone()
     }
 
-    async fn run<R, W>(
-        &mut self,
-        reader: &mut FrameReader<R>,
-        writer: &mut FrameWriter<W>,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> CallEnd
+    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W, shutdown: &mut watch::Receiver<bool>) -> CallEnd
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: CallInput,
+        W: CallOutput,
     {
         // The greeting was synthesized at start-up: queue it before the first tick.
         let greeting = self.shared.cfg.agent.greeting.clone();

@@ -1,6 +1,6 @@
 //! The command line: one binary, `asterisk-voice-agent`, with subcommands (clap).
 
-use crate::{config::Config, models, server, simulate};
+use crate::{config::Config, console, models, server, simulate};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,18 +28,26 @@ pub enum Command {
     ModelSetup(models::ModelSetupArgs),
     /// Check the installed models, native libraries and listen ports.
     Doctor(models::DoctorArgs),
+    /// One call through this machine's microphone and speakers (no PBX needed).
+    Console(console::ConsoleArgs),
 }
 
 /// Parses the command line, sets up logging and runs the subcommand. Errors are printed with
 /// their whole cause chain and give exit status 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The console's screen is the transcript: its service log stays at warnings unless asked.
+    init_tracing(if matches!(cli.command, Command::Console(_)) {
+        "warn"
+    } else {
+        "info,ort=warn"
+    });
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Simulate(args) => simulate::run(args),
         Command::ModelSetup(args) => models::setup_main(args),
         Command::Doctor(args) => models::doctor_main(args),
+        Command::Console(args) => console::main(args),
     };
     match result {
         Ok(code) => code,
@@ -60,11 +68,11 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     // ONNX Runtime logs every graph transform at INFO: keep it to warnings unless asked.
-    let filter = EnvFilter::try_from_env("AVA_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    let filter = EnvFilter::try_from_env("AVA_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

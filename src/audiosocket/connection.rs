@@ -19,6 +19,9 @@ pub enum ConnectionError {
     /// A socket error (for example a reset).
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
+    /// The console's audio device failed (unplugged, sound server gone): the text says which.
+    #[error("audio device: {0}")]
+    Device(String),
 }
 
 /// Reads whole frames from the read half of an AudioSocket connection.
