@@ -89,3 +89,4 @@ unzip_member "$SPEECH_WHL" moonshine_voice/assets/beckett.wav "$MIRROR/speech/be
 unzip_member "$SPEECH_WHL" moonshine_voice/assets/two_cities.wav "$MIRROR/speech/two_cities.wav"
 
 log "ok: native libs in $LIB_DIR, test models in $MIRROR"
+bash "$(dirname "$0")/deps-admin.sh"  # issue 9: prometheus + chromium for tests/admin.rs

@@ -27,6 +27,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn, Instrument};
 
 /// What every call shares: the engines, the config and the conversation log.
+#[derive(Clone)]
 pub struct Shared {
     /// Loaded models.
     pub engines: Engines,
@@ -187,6 +188,7 @@ async fn close<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, end: &CallEnd
 
 async fn fail<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, msg: String) -> CallEnd {
     error!("{msg}");
+    crate::metrics::protocol_error(&msg);
     let _ = writer.hangup().await;
     CallEnd::Error(msg)
 }
@@ -419,12 +421,13 @@ impl Call {
         loop {
             tokio::select! {
                 biased;
-                _ = tick.tick() => {
+                due = tick.tick() => {
                     self.on_tick();
                     let rate = self.next_frame(&mut frame_buf);
                     if let Err(e) = writer.write_samples(rate, &frame_buf).await {
                         return CallEnd::Error(format!("cannot write to Asterisk: {e}"));
                     }
+                    crate::metrics::frame_written(due.elapsed().as_millis() as u64);
                     self.publish_state();
                     if let Some(end) = self.ended() {
                         return end;
@@ -725,6 +728,7 @@ impl Call {
                 ms = since.elapsed().as_millis() as u64,
                 "short sound during agent audio: resuming"
             );
+            crate::metrics::barge_in(false);
             self.stt.discard();
             return;
         }
@@ -744,6 +748,7 @@ impl Call {
                 ms = since.elapsed().as_millis() as u64,
                 "short sound during agent audio: resuming"
             );
+            crate::metrics::barge_in(false);
             self.paused_since = None;
             // The rest of this utterance is noise, not something to answer.
             self.ignoring_utterance = true;
@@ -762,6 +767,7 @@ impl Call {
             .map(|s| (s.samples.len() - s.pos) * 1000 / s.rate.hz() as usize)
             .sum();
         info!(dropped_ms, "barge-in: agent stopped");
+        crate::metrics::barge_in(true);
         // An LLM-decided ending is dropped: the caller wants to go on. Limits still apply.
         if matches!(self.ending, Some(Ending::Transfer { .. })) || self.turn.is_some() {
             self.ending = None;
@@ -954,9 +960,11 @@ impl Call {
             }
             ReplyEvent::LlmFailed { turn, error } if Some(turn) == current => {
                 error!("no reply from any model: {error}; apologizing and hanging up");
+                crate::metrics::fallback("llm_failed");
                 self.apologize_and_hang_up("LLM failure");
             }
             ReplyEvent::TtsFailed { turn, error } if Some(turn) == current => {
+                crate::metrics::fallback("tts_failed");
                 error!("speech synthesis failed with every voice: {error}; playing the canned apology and hanging up");
                 self.apologize_and_hang_up("TTS failure");
             }
@@ -1063,6 +1071,9 @@ impl ReplyJob {
     async fn run(self) {
         let mut last_error = String::from("no model");
         for (session, model) in &self.sessions {
+            if *model == "fallback" {
+                crate::metrics::fallback("llm_fallback_model");
+            }
             for attempt in 0..=self.call.llm_retries {
                 if self.cancel.load(Ordering::Relaxed) {
                     return;
@@ -1078,6 +1089,7 @@ impl ReplyJob {
                     }
                     Attempt::Failed(e) => {
                         warn!(model, attempt = attempt + 1, "LLM attempt failed: {e}");
+                        crate::metrics::fallback("llm_retry");
                         last_error = e;
                     }
                 }
@@ -1184,6 +1196,7 @@ impl ReplyJob {
             (Ok(s), _) => s,
             (Err(e), Some(fb)) => {
                 warn!("TTS failed ({e:#}); using the fallback voice");
+                crate::metrics::fallback("tts_fallback_voice");
                 fb.synthesize(&sentence, self.rate.hz())
                     .await
                     .map_err(|e2| format!("{e:#}; fallback voice: {e2:#}"))?

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The shared engines.
+/// The shared engines (cheap to clone: every engine is an `Arc`).
+#[derive(Clone)]
 pub struct Engines {
     /// Vosk.
     pub stt: Arc<SttEngine>,

@@ -23,3 +23,8 @@ pub mod simulate;
 pub mod stt;
 pub mod tts;
 pub mod vad;
+// issue 9: what the admin sees
+pub mod history;
+pub mod http;
+pub mod metrics;
+pub mod reload;

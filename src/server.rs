@@ -22,6 +22,9 @@ use tracing::{error, info, warn};
 /// be bound; each message names the file or address.
 pub async fn run(cfg: Config) -> Result<()> {
     let started = Instant::now();
+    // The admin's HTTP server first: /health says 503 while the models load (issue 9).
+    let events = crate::events::EventBus::new();
+    let admin = crate::http::start(&cfg, &events).await?;
     let listener = TcpListener::bind(cfg.server.audiosocket_listen)
         .await
         .with_context(|| {
@@ -31,9 +34,59 @@ pub async fn run(cfg: Config) -> Result<()> {
             )
         })?;
     let log = ConversationLog::open(&cfg.log.conversation_log)?;
+    if cfg.test_faults.startup_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(cfg.test_faults.startup_delay_ms)).await;
+    }
     let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
-    // Render the greeting and the fixed prompts now, at the two usual call rates, so calls
-    // start speaking at once and the prompts play even if synthesis later fails.
+    render_prompts(&engines, &cfg).await?;
+    let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agi = if cfg.agi.enabled {
+        let l = TcpListener::bind(cfg.agi.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?;
+        let mut stop = stop_rx.clone();
+        Some(tokio::spawn(crate::agi::serve(l, directory.clone(), async move {
+            let _ = stop.changed().await;
+        })))
+    } else {
+        None
+    };
+    let history = crate::history::start(&cfg.history.path, cfg.history.keep_days, &events, directory.clone())?;
+    let shared = Arc::new(Shared {
+        engines,
+        cfg,
+        log,
+        directory,
+        events,
+    });
+    // Ready: /health turns 200; SIGHUP swaps in a new `Shared` for the calls that follow.
+    let current = crate::reload::ready(admin, shared);
+    info!(
+        addr = %listener.local_addr()?,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "AudioSocket server ready"
+    );
+    serve(listener, current, async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
+    // The calls' last events (their ends) reach the call history before the process exits.
+    history.flush(Duration::from_secs(2)).await;
+    if let Some(agi) = agi {
+        let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
+    }
+    Ok(())
+}
+
+/// Renders the greeting and the fixed prompts of `cfg` into the TTS cache, at the two usual
+/// call rates (8 and 16 kHz), so calls start speaking at once and the prompts play even if
+/// synthesis later fails.
+///
+/// # Errors
+/// If a prompt cannot be synthesized (the message quotes it).
+pub async fn render_prompts(engines: &Engines, cfg: &Config) -> Result<()> {
     let c = &cfg.call;
     for text in [
         &cfg.agent.greeting,
@@ -50,50 +103,19 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
         }
     }
-    let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let agi = if cfg.agi.enabled {
-        let l = TcpListener::bind(cfg.agi.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} ([agi] listen)", cfg.agi.listen))?;
-        let mut stop = stop_rx.clone();
-        Some(tokio::spawn(crate::agi::serve(l, directory.clone(), async move {
-            let _ = stop.changed().await;
-        })))
-    } else {
-        None
-    };
-    let shared = Arc::new(Shared {
-        engines,
-        cfg,
-        log,
-        directory,
-        events: crate::events::EventBus::new(),
-    });
-    info!(
-        addr = %listener.local_addr()?,
-        startup_ms = started.elapsed().as_millis() as u64,
-        "AudioSocket server ready"
-    );
-    serve(listener, shared, async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    })
-    .await?;
-    if let Some(agi) = agi {
-        let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
-    }
     Ok(())
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and
-/// waits (at most 5 s) for them to close.
+/// waits (at most 5 s) for them to close. Each call takes the [`Shared`] current when it is
+/// accepted (`current`: a config reload swaps it; calls already running keep theirs).
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    current: watch::Receiver<Arc<Shared>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = current.borrow().clone();
     let limit = Arc::new(Semaphore::new(shared.cfg.server.max_calls));
     let mut calls = JoinSet::new();
     tokio::pin!(shutdown);
@@ -101,6 +123,7 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
+                let shared = current.borrow().clone();
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -135,6 +158,7 @@ pub async fn serve(
         while calls.join_next().await.is_some() {}
     })
     .await;
+    info!(active_calls = shared.events.active_calls(), "all calls ended");
     Ok(())
 }
 
