@@ -71,6 +71,7 @@ enum Op {
 }
 
 /// The running history: lets shutdown wait until the last events are written.
+#[derive(Debug)]
 pub struct History {
     flush: tokio::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>,
 }
@@ -508,7 +509,8 @@ mod tests {
                     date: None,
                 })
                 .ok()?;
-            c.first().filter(|c| c.ended.is_some()).map(|_| c)
+            let done = c.first().is_some_and(|c| c.ended.is_some());
+            done.then_some(c)
         });
         assert_eq!(calls.len(), 1);
         let c = &calls[0];
