@@ -10,8 +10,8 @@
 //! followed by a close makes `AudioSocket()` return 0, so the dialplan goes on; 8 kHz slin
 //! (kind 0x10) is accepted on every call.
 
-use crate::transport::{CallInput, CallOutput};
 use crate::audiosocket::{AudioRate, Frame, FrameReader, FrameWriter};
+use crate::transport::{CallInput, CallOutput};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,11 @@ pub async fn close<R: CallInput, W: CallOutput>(
 ) -> bool {
     let write = async {
         // A hangup frame then a FIN, or (the caller hung up) the FIN alone.
-        let _ = if hangup { writer.hangup().await } else { writer.close().await };
+        let _ = if hangup {
+            writer.hangup().await
+        } else {
+            writer.close().await
+        };
     };
     let _ = tokio::time::timeout(write_timeout, write).await;
     reader.drain(linger).await

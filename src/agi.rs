@@ -475,6 +475,7 @@ async fn session(stream: TcpStream, directory: &CallDirectory) {
     let req = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut reader)).await {
         Err(_) => {
             warn!("FastAGI session closed: no complete AGI variable block within {HEADER_TIMEOUT:?}");
+            crate::metrics::agi_session(None, "bad_request");
             return;
         }
         Ok(Err(SessionEnd::Closed)) => {
@@ -484,6 +485,7 @@ async fn session(stream: TcpStream, directory: &CallDirectory) {
         Ok(Err(SessionEnd::HungUp)) => return,
         Ok(Err(SessionEnd::Failed(e))) => {
             warn!("FastAGI session closed: bad AGI variable block: {e:#}");
+            crate::metrics::agi_session(None, "bad_request");
             return;
         }
         Ok(Ok(req)) => req,
@@ -499,6 +501,14 @@ async fn session(stream: TcpStream, directory: &CallDirectory) {
         Some("call-end") => call_end(&req, &mut cmd, directory).await,
         other => unknown_script(other, &req, &mut cmd).await,
     };
+    crate::metrics::agi_session(
+        script.as_deref(),
+        match &outcome {
+            Ok(()) | Err(SessionEnd::Closed) => "ok",
+            Err(SessionEnd::HungUp) => "hung_up",
+            Err(SessionEnd::Failed(_)) => "failed",
+        },
+    );
     match outcome {
         Ok(()) | Err(SessionEnd::Closed) => {}
         Err(SessionEnd::HungUp) => {

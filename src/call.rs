@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn, Instrument};
 mod call_turn;
 
 /// What every call shares: the engines, the config and the conversation log.
+#[derive(Clone)]
 pub struct Shared {
     /// Loaded models.
     pub engines: Engines,
@@ -89,12 +90,7 @@ pub const FRAME_MS: u64 = 20;
 /// Runs one call on an accepted connection until it ends: reads the id frame (within
 /// `server.id_timeout_ms`), then [`answer`]s. Never panics on bad input: a malformed frame ends
 /// this call only. Returns how it ended (already logged).
-pub async fn run<R, W>(
-    mut reader: R,
-    mut writer: W,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) -> CallEnd
+pub async fn run<R, W>(mut reader: R, mut writer: W, shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> CallEnd
 where
     R: CallInput,
     W: CallOutput,
@@ -104,6 +100,7 @@ where
         Ok(uuid) => answer(uuid, uuid.to_string(), reader, writer, shared, shutdown).await,
         Err(msg) => {
             error!("{msg}");
+            crate::metrics::protocol_error(&msg);
             let write_timeout = Duration::from_millis(shared.cfg.server.write_timeout_ms);
             crate::admission::close(&mut reader, &mut writer, true, write_timeout, crate::admission::LINGER).await;
             CallEnd::Error(msg)
@@ -488,7 +485,7 @@ impl Call {
         loop {
             tokio::select! {
                 biased;
-                _ = tick.tick() => {
+                due = tick.tick() => {
                     self.on_tick();
                     let rate = self.next_frame(&mut frame_buf);
                     match tokio::time::timeout(write_timeout, writer.write_samples(rate, &frame_buf)).await {
@@ -499,6 +496,7 @@ impl Call {
                             write_timeout.as_millis()
                         )),
                     }
+                    crate::metrics::frame_written(due.elapsed().as_millis() as u64);
                     self.publish_state();
                     if let Some(end) = self.ended() {
                         return end;
@@ -871,6 +869,7 @@ impl Call {
                 ms = since.elapsed().as_millis() as u64,
                 "short sound during agent audio: resuming"
             );
+            crate::metrics::barge_in(false);
             self.stt.discard();
             self.turn_event(turn::Event::Discarded);
             return;
@@ -897,6 +896,7 @@ impl Call {
                 ms = since.elapsed().as_millis() as u64,
                 "short sound during agent audio: resuming"
             );
+            crate::metrics::barge_in(false);
             self.paused_since = None;
             // The rest of this utterance is noise, not something to answer.
             self.ignoring_utterance = true;
@@ -915,6 +915,7 @@ impl Call {
             .map(|s| (s.samples.len() - s.pos) * 1000 / s.rate.hz() as usize)
             .sum();
         info!(dropped_ms, "barge-in: agent stopped");
+        crate::metrics::barge_in(true);
         // An LLM-decided ending is dropped: the caller wants to go on. Limits still apply.
         if matches!(self.ending, Some(Ending::Transfer { .. })) || self.turn.is_some() {
             self.ending = None;
@@ -1188,9 +1189,11 @@ impl Call {
             }
             ReplyEvent::LlmFailed { turn, error } if Some(turn) == current => {
                 error!("no reply from any model: {error}; apologizing and hanging up");
+                crate::metrics::fallback("llm_failed");
                 self.apologize_and_hang_up("LLM failure");
             }
             ReplyEvent::TtsFailed { turn, error } if Some(turn) == current => {
+                crate::metrics::fallback("tts_failed");
                 error!("speech synthesis failed with every voice: {error}; playing the canned apology and hanging up");
                 self.apologize_and_hang_up("TTS failure");
             }
@@ -1301,6 +1304,9 @@ impl ReplyJob {
     async fn run(self) {
         let mut last_error = String::from("no model");
         for (session, model) in &self.sessions {
+            if *model == "fallback" {
+                crate::metrics::fallback("llm_fallback_model");
+            }
             for attempt in 0..=self.call.llm_retries {
                 if self.cancel.load(Ordering::Relaxed) {
                     return;
@@ -1316,6 +1322,7 @@ impl ReplyJob {
                     }
                     Attempt::Failed(e) => {
                         warn!(model, attempt = attempt + 1, "LLM attempt failed: {e}");
+                        crate::metrics::fallback("llm_retry");
                         last_error = e;
                     }
                 }
@@ -1422,6 +1429,7 @@ impl ReplyJob {
             (Ok(s), _) => s,
             (Err(e), Some(fb)) => {
                 warn!("TTS failed ({e:#}); using the fallback voice");
+                crate::metrics::fallback("tts_fallback_voice");
                 fb.synthesize(&sentence, self.rate.hz())
                     .await
                     .map_err(|e2| format!("{e:#}; fallback voice: {e2:#}"))?

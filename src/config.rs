@@ -37,6 +37,13 @@ pub struct Config {
     /// `[turn]`: end-of-turn detection (Smart Turn or the silence timer) and the reply
     /// prepared during the pause (issue 8).
     pub turn: TurnConfig,
+    /// `[http]`: the admin's HTTP server (health check, metrics, live page; issue 9).
+    pub http: HttpConfig,
+    /// `[history]`: the SQLite call history (issue 9).
+    pub history: HistoryConfig,
+    /// Where this config was read from, set by [`Config::load`] (not a key).
+    #[serde(skip)]
+    pub source: Option<ConfigSource>,
 }
 
 /// How the end of the caller's turn is decided (`[turn] mode`).
@@ -83,6 +90,59 @@ impl Default for TurnConfig {
             speculative: true,
         }
     }
+}
+
+/// `[http]` section: the admin's HTTP server (`/health`, `/metrics`, the live page at `/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address. Default `127.0.0.1:8091` (loopback). Any other address needs `token`;
+    /// port 0 picks a free port (logged).
+    pub listen: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer TOKEN`, or `?token=` for
+    /// the page). Required when `listen` is not loopback. Default none.
+    pub token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:8091".parse().unwrap(),
+            token: None,
+        }
+    }
+}
+
+/// `[history]` section: the call history (SQLite), a row per call and per utterance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// The SQLite database file (created with its folder). Default
+    /// `/var/lib/asterisk-voice-agent/history.sqlite3`.
+    pub path: PathBuf,
+    /// Calls older than this many days are deleted (at start-up and hourly); 0 keeps all.
+    /// Default 90.
+    pub keep_days: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            path: PathBuf::from("/var/lib/asterisk-voice-agent/history.sqlite3"),
+            keep_days: 90,
+        }
+    }
+}
+
+/// Where a config came from: shown by `/health` so the admin can tell a reload took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigSource {
+    /// The file read.
+    pub path: PathBuf,
+    /// SHA-256 of its text, hex.
+    pub sha256: String,
+    /// When it was read, RFC 3339 UTC.
+    pub loaded_at: String,
 }
 
 /// `[barge_in]` section. Caller speech while the agent speaks first pauses the agent's audio
@@ -253,6 +313,9 @@ pub struct FaultsConfig {
     /// The N-th conversation log entry (1-based) is written only half, then fails like a full
     /// disk. Default 0 (never).
     pub log_fail_at: u64,
+    /// `serve` waits this long (ms) before loading the models (tests of `/health` before
+    /// ready). Default 0.
+    pub startup_delay_ms: u64,
 }
 
 /// `[server]` section.
@@ -552,7 +615,14 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+        let mut cfg = Config::parse(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        use sha2::Digest;
+        cfg.source = Some(ConfigSource {
+            path: path.to_path_buf(),
+            sha256: format!("{:x}", sha2::Sha256::digest(text.as_bytes())),
+            loaded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        Ok(cfg)
     }
 
     /// Parses and validates TOML text.
@@ -602,6 +672,11 @@ impl Config {
         anyhow::ensure!(
             !self.agent.greeting.trim().is_empty(),
             "agent.greeting must not be empty"
+        );
+        anyhow::ensure!(
+            self.http.listen.ip().is_loopback() || self.http.token.as_deref().is_some_and(|t| !t.trim().is_empty()),
+            "http.token must be set: [http] listen {} is not a loopback address",
+            self.http.listen
         );
         Ok(())
     }

@@ -123,6 +123,12 @@ impl CallDirectory {
         self.take_decision_at(uuid, Instant::now())
     }
 
+    /// The decision for `uuid`, left in place (the call history records it; the dialplan's
+    /// call-end step still takes it).
+    pub fn peek_decision(&self, uuid: Uuid) -> Option<Decision> {
+        self.lock().get(&uuid).and_then(|e| e.decision.clone())
+    }
+
     /// Number of entries held (expired ones not yet swept included).
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The shared engines.
+/// The shared engines (cheap to clone: every engine is an `Arc`).
+#[derive(Clone)]
 pub struct Engines {
     /// Vosk.
     pub stt: Arc<SttEngine>,

@@ -32,3 +32,8 @@ pub mod vad;
 pub mod admission;
 pub mod deadair;
 pub mod logsafe;
+// issue 9: what the admin sees
+pub mod history;
+pub mod http;
+pub mod metrics;
+pub mod reload;

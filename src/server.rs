@@ -25,6 +25,9 @@ use tracing::{error, info, warn, Instrument};
 pub async fn run(mut cfg: Config) -> Result<()> {
     let started = Instant::now();
     crate::engines::apply_tier_max_calls(&mut cfg);
+    // The admin's HTTP server first: /health says 503 while the models load (issue 9).
+    let events = crate::events::EventBus::new();
+    let admin = crate::http::start(&cfg, &events).await?;
     // Reserve the ports now, so a busy port fails at once, but listen only once the models and
     // prompts are ready: until then a connection is refused and the dialplan can route around.
     let reserved = reserve(cfg.server.audiosocket_listen, Some(SEND_BUFFER)).with_context(|| {
@@ -45,28 +48,11 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         crate::admission::warn_if_exposed(cfg.agi.listen, "[agi] listen (FastAGI)");
     }
     let log = ConversationLog::open_with_fault(&cfg.log.conversation_log, cfg.test_faults.log_fail_at)?;
-    let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
-    // Render the greeting and the fixed prompts now, at the two usual call rates, so calls
-    // start speaking at once and the prompts play even if synthesis later fails.
-    let c = &cfg.call;
-    for text in [
-        &cfg.agent.greeting,
-        &c.filler,
-        &c.not_understood,
-        &c.apology,
-        &c.goodbye,
-        &c.busy,
-        &c.second_filler,
-        &c.reprompt,
-    ] {
-        for rate in [8000, 16000] {
-            engines
-                .tts
-                .cached(text, rate)
-                .await
-                .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
-        }
+    if cfg.test_faults.startup_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(cfg.test_faults.startup_delay_ms)).await;
     }
+    let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
+    render_prompts(&engines, &cfg).await?;
     let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
     let (stop_tx, stop_rx) = watch::channel(false);
     let agi = match agi_reserved {
@@ -92,32 +78,68 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             cfg.server.audiosocket_listen
         )
     })?;
+    let history = crate::history::start(&cfg.history.path, cfg.history.keep_days, &events, directory.clone())?;
     let shared = Arc::new(Shared {
         engines,
         cfg,
         log,
         directory,
-        events: crate::events::EventBus::new(),
+        events,
     });
+    // issue 10: stop and join the LLM scheduler thread before the process exits.
+    let llm = shared.engines.llm.clone();
+    // Ready: /health turns 200; SIGHUP swaps in a new `Shared` for the calls that follow.
+    let (current, admin_tasks) = crate::reload::ready(admin, shared);
     info!(
         addr = %listener.local_addr()?,
         startup_ms = started.elapsed().as_millis() as u64,
         "AudioSocket server ready"
     );
-    // issue 10: stop and join the LLM scheduler thread before the process exits.
-    let llm = shared.engines.llm.clone();
-    serve(listener, shared, async move {
+    serve(listener, current, async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     })
     .await?;
+    // The calls' last events (their ends) reach the call history before the process exits.
+    history.flush(Duration::from_secs(2)).await;
+    admin_tasks.stop().await;
     if let Some(agi) = agi {
         let _ = tokio::time::timeout(Duration::from_secs(3), agi).await;
     }
     tokio::task::block_in_place(|| llm.shutdown());
+    drop(llm);
     // The inference threads end once the calls and engines that feed them are gone; the process
     // must not exit under them (llama.cpp segfaults when torn down while its threads run).
     wait_for_workers().await;
+    Ok(())
+}
+
+/// Renders the greeting and the fixed prompts of `cfg` into the TTS cache, at the two usual
+/// call rates (8 and 16 kHz), so calls start speaking at once and the prompts play even if
+/// synthesis later fails.
+///
+/// # Errors
+/// If a prompt cannot be synthesized (the message quotes it).
+pub async fn render_prompts(engines: &Engines, cfg: &Config) -> Result<()> {
+    let c = &cfg.call;
+    for text in [
+        &cfg.agent.greeting,
+        &c.filler,
+        &c.not_understood,
+        &c.apology,
+        &c.goodbye,
+        &c.busy,
+        &c.second_filler,
+        &c.reprompt,
+    ] {
+        for rate in [8000, 16000] {
+            engines
+                .tts
+                .cached(text, rate)
+                .await
+                .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
+        }
+    }
     Ok(())
 }
 
@@ -168,7 +190,8 @@ fn reserve(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Res
 }
 
 /// Accepts connections on `listener` until `shutdown` completes, then hangs up every call and
-/// waits (at most 5 s) for them to close.
+/// waits (at most 5 s) for them to close. Each call takes the [`Shared`] current when it is
+/// accepted (`current`: a config reload swaps it; calls already running keep theirs).
 ///
 /// A connection holds no call slot until its id frame arrived (within `server.id_timeout_ms`);
 /// until then it is one of at most `server.max_pending` pending connections (the oldest is
@@ -176,11 +199,13 @@ fn reserve(addr: std::net::SocketAddr, send_buffer: Option<u32>) -> std::io::Res
 /// its id hears the busy prompt (`call.busy`) and a clean hangup.
 pub async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    current: watch::Receiver<Arc<Shared>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = &shared.cfg.server;
+    let first = current.borrow().clone();
+    let server = &first.cfg.server;
+    // Limits are read once: `server.*` changes need a restart (a reload says so).
     let slots = Arc::new(Semaphore::new(server.max_calls));
     let pending = PendingSet::new(server.max_pending);
     let live = LiveCalls::new();
@@ -194,6 +219,7 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
+                let shared = current.borrow().clone();
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -244,6 +270,8 @@ pub async fn serve(
         );
         calls.shutdown().await;
     }
+    info!(active_calls = first.events.active_calls(), "all calls ended");
+    drop(first);
     Ok(())
 }
 

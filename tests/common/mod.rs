@@ -127,11 +127,12 @@ onnxruntime = "{ort}"
 
 [log]
 conversation_log = "{log}"
-{extra}"#,
+{admin}{extra}"#,
         models = models_dir().display(),
         ort = ava_home().join("lib/libonnxruntime.so.1").display(),
         log = dir.join("conversations.jsonl").display(),
         agi_port = port + 1,
+        admin = admin_sections(dir, extra),
     )
 }
 
@@ -165,6 +166,21 @@ pub fn merge_sections(base: &str, extra: &str) -> String {
     out.push('\n');
     out.push_str(&rest);
     out
+}
+
+/// `[http]` on a free port and `[history]` in `dir`, unless `extra` sets them (issue 9).
+fn admin_sections(dir: &Path, extra: &str) -> String {
+    let mut s = String::new();
+    if !extra.contains("[http]") {
+        s.push_str("\n[http]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    if !extra.contains("[history]") {
+        s.push_str(&format!(
+            "\n[history]\npath = \"{}\"\n",
+            dir.join("history.sqlite3").display()
+        ));
+    }
+    s
 }
 
 /// [`test_config_with`] with nothing extra under `[models]`.
@@ -244,6 +260,14 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin HTTP address (`127.0.0.1:PORT`), from the service log.
+    pub fn http_addr(&self) -> String {
+        let log = self.wait_log("admin HTTP server listening", 60);
+        let line = log.lines().find(|l| l.contains("admin HTTP server listening")).unwrap();
+        let at = line.find("addr=").expect("addr= in the listening line") + 5;
+        line[at..].split_whitespace().next().unwrap().to_string()
     }
 
     /// The server's process id.
