@@ -76,7 +76,8 @@ pub struct TurnConfig {
     pub max_end_silence_ms: u32,
     /// Start the reply (LLM and synthesis of its first sentence) from the text so far at the
     /// first pause, playing nothing until the turn is decided; dropped if the caller goes on.
-    /// Default true.
+    /// Default false: finalizing Vosk at each pause (to get the text so far) put the test
+    /// tier's STT seconds behind the caller (stt_final 3.8 s against about 40 ms without it).
     pub speculative: bool,
 }
 
@@ -87,7 +88,7 @@ impl Default for TurnConfig {
             min_pause_ms: 200,
             threshold: 0.7,
             max_end_silence_ms: 1200,
-            speculative: true,
+            speculative: false,
         }
     }
 }
@@ -444,7 +445,9 @@ pub struct LlmConfig {
     /// issue 10: with the local backend, `"batched"` runs one llama.cpp context for all calls
     /// (a KV sequence per call, `server.max_calls` of them, one decode advancing every call;
     /// `threads` defaults to the physical cores) or `"per_call"` one context and thread pool
-    /// per call (`threads` each). Default "batched".
+    /// per call (`threads` each). Default "per_call" until benches/calls.rs has measured the
+    /// batched scheduler on a quiet machine (at the merge, one batched console call got no
+    /// token within 5 s; its own tests pass).
     pub scheduler: LlmScheduler,
     /// issue 10: the OpenAI-compatible server's API root, e.g. `http://10.0.0.5:8080/v1`
     /// (`/chat/completions` and `/models` are appended). Plain HTTP is allowed. Required with
@@ -494,7 +497,7 @@ impl Default for LlmConfig {
             temperature: 0.6,
             seed: 42,
             backend: LlmBackendKind::Local,
-            scheduler: LlmScheduler::Batched,
+            scheduler: LlmScheduler::PerCall,
             base_url: None,
             model: "default".into(),
             api_key_file: None,

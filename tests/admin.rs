@@ -647,6 +647,8 @@ fn the_live_page_shows_a_call_as_it_happens_then_in_the_history() {
     std::fs::create_dir_all(&shots).unwrap();
     let profile = tempfile::tempdir().unwrap();
     let (mut browser, mut cdp) = chromium(&format!("http://{http}/"), &profile.path().join("p"));
+    // Killed however the test ends (a failed assertion must not leave Chromium running).
+    let browser = KillOnDrop(&mut browser);
     cdp.wait_for(
         "document.readyState === 'complete' && document.getElementById('no-calls') !== null",
         30,
@@ -701,6 +703,5 @@ fn the_live_page_shows_a_call_as_it_happens_then_in_the_history() {
     let shot = shots.join("history.png");
     cdp.screenshot(&shot);
     println!("screenshot: {}", shot.display());
-    let _ = Command::new("kill").arg(browser.id().to_string()).status();
-    let _ = browser.wait();
+    drop(browser);
 }

@@ -61,7 +61,7 @@ fn entries(server: &Server, call_id: &str) -> Vec<Value> {
 #[test]
 fn mid_sentence_pause_is_not_taken_for_the_end_of_the_turn() {
     let _g = serial();
-    let server = Server::start("\n[turn]\nmode = \"smart\"\n");
+    let server = Server::start("\n[turn]\nmode = \"smart\"\nspeculative = true\n");
     let wav = paused_sentence(server.dir.path(), 600);
     // A loaded machine may need the filler before the reply: wait for the reply itself.
     let r = server.simulate(&["--wav", wav.to_str().unwrap(), "--reply-end-ms", "4000"]);
