@@ -256,7 +256,8 @@ fn calls_are_counted_recorded_and_scraped_however_they_end() {
 
     // 1. A simulated call the caller hangs up.
     let wav = audio("book_appointment.8k.wav");
-    let r = server.simulate(&["--wav", wav.to_str().unwrap()]);
+    // A slow machine may play the filler first: wait for the reply after it.
+    let r = server.simulate(&["--wav", wav.to_str().unwrap(), "--reply-end-ms", "6000"]);
     let sim_id = r["call_id"].as_str().unwrap().to_string();
     assert!(r["turns"][0]["voice_to_voice_ms"].as_f64().is_some(), "no reply: {r}");
     server.wait_call_line(&sim_id, "call ended", 10);
@@ -658,7 +659,19 @@ fn the_live_page_shows_a_call_as_it_happens_then_in_the_history() {
     let wav = audio("book_appointment.8k.wav");
     let call = {
         let addr = server.addr.clone();
-        std::thread::spawn(move || simulate(&addr, &["--wav", wav.to_str().unwrap(), "--hold-ms", "2500"]))
+        std::thread::spawn(move || {
+            simulate(
+                &addr,
+                &[
+                    "--wav",
+                    wav.to_str().unwrap(),
+                    "--hold-ms",
+                    "2500",
+                    "--reply-end-ms",
+                    "6000",
+                ],
+            )
+        })
     };
     cdp.wait_for("document.querySelectorAll('#live .call').length === 1", 20);
     cdp.wait_for(
