@@ -191,8 +191,9 @@ fn check_models(m: &Manifest, cfg: &Config, verify: bool, reinstall: &str, check
             ModelKind::Stt => cfg.models.stt.is_some(),
             ModelKind::Llm => cfg.models.llm.is_some(),
             ModelKind::Tts => cfg.models.tts.is_some(),
-            ModelKind::Vad => cfg.models.vad.is_some(),
-            ModelKind::Turn => cfg.models.turn.is_some(),
+            // Needed only when the config uses them (Silero VAD, Smart Turn).
+            ModelKind::Vad => cfg.models.vad.is_some() || cfg.vad.engine != crate::config::VadEngine::Silero,
+            ModelKind::Turn => cfg.models.turn.is_some() || cfg.turn.mode != crate::config::TurnMode::Smart,
         };
         let Some(im) = m.models.get(&kind) else {
             if !overridden {

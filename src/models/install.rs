@@ -137,6 +137,7 @@ pub fn setup(reg: &Registry, opts: &SetupOptions) -> Result<SetupReport> {
     // 2. What is to do.
     let models: Vec<(ModelKind, &Model)> = ModelKind::ALL
         .iter()
+        .filter(|&&k| !lm.id(k).is_empty())
         .map(|&k| (k, reg.model(lm.id(k)).expect("validated")))
         .collect();
     let unverifiable: Vec<&str> = models

@@ -181,9 +181,11 @@ pub struct LanguageModels {
     pub llm: String,
     /// TTS model id.
     pub tts: String,
-    /// VAD model id (Silero VAD).
+    /// VAD model id (Silero VAD); empty (absent) in a registry without one.
+    #[serde(default)]
     pub vad: String,
-    /// End-of-turn model id (Smart Turn).
+    /// End-of-turn model id (Smart Turn); empty (absent) in a registry without one.
+    #[serde(default)]
     pub turn: String,
 }
 
@@ -309,6 +311,9 @@ impl Registry {
             for (lang, lm) in &t.languages {
                 for kind in ModelKind::ALL {
                     let id = lm.id(kind);
+                    if id.is_empty() && matches!(kind, ModelKind::Vad | ModelKind::Turn) {
+                        continue; // optional kinds
+                    }
                     match self.model(id) {
                         None => bail!("tier {} language {}: unknown {} model {}", t.name, lang, kind, id),
                         Some(m) if m.kind != kind => {
