@@ -117,7 +117,7 @@ pub fn main(args: ConsoleArgs) -> Result<ExitCode> {
     let end = rt.block_on(async move {
         eprintln!("loading the models...");
         let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
-        render_prompts(&engines, &cfg).await?;
+        crate::server::render_prompts(&engines, &cfg).await?;
         let shared = Arc::new(Shared {
             engines,
             cfg,
@@ -176,28 +176,6 @@ fn open_log(cfg: &Config) -> Result<ConversationLog> {
             ConversationLog::open(&alt)
         }
     }
-}
-
-/// Renders the greeting and the fixed prompts at the call's rates, as `serve` does at start-up
-/// (the greeting plays at 8 kHz, before the first microphone frame sets the call's rate).
-async fn render_prompts(engines: &Engines, cfg: &Config) -> Result<()> {
-    let c = &cfg.call;
-    for text in [
-        &cfg.agent.greeting,
-        &c.filler,
-        &c.not_understood,
-        &c.apology,
-        &c.goodbye,
-    ] {
-        for rate in [8000, device::CALL_RATE.hz()] {
-            engines
-                .tts
-                .cached(text, rate)
-                .await
-                .with_context(|| format!("cannot synthesize the prompt {text:?}"))?;
-        }
-    }
-    Ok(())
 }
 
 /// Prints the call's events until it ends: the transcript ([`screen::Screen`]) or JSON lines.
