@@ -599,6 +599,9 @@ pub(crate) trait LlmBackend: Send + Sync {
 /// server. Dropping it releases the sequence (batched) or ends the thread (per_call).
 pub struct LlmSession {
     inner: Box<dyn LlmBackend>,
+    /// Keeps the engine (and the batched scheduler's thread) alive while the session is:
+    /// dropped after `inner`, whose drop frees the sequence first.
+    _engine: Arc<LlmEngine>,
 }
 
 impl LlmSession {
@@ -631,7 +634,7 @@ impl LlmSession {
             }
             Backend::Openai(client) => Box::new(openai::Session::new(client.clone(), actions)),
         };
-        Ok(LlmSession { inner })
+        Ok(LlmSession { inner, _engine: engine })
     }
 
     /// Evaluates `messages` (e.g. the system prompt and the greeting) into the KV cache in the

@@ -2,10 +2,32 @@
 //! subcommand (see [`asterisk_voice_agent::cli`]).
 
 fn main() -> std::process::ExitCode {
-    // llama.cpp's OpenMP threads spin-wait between parallel regions by default, taking CPU
-    // from the threads that pace calls' audio. Must be set before OpenMP starts.
-    if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-        std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
-    }
+    passive_openmp();
     asterisk_voice_agent::cli::main()
+}
+
+/// llama.cpp's OpenMP threads spin-wait at every barrier by default (libgomp's
+/// `OMP_WAIT_POLICY` unset = spin ~300k iterations). On a small PBX host the cores are shared
+/// with the calls' STT and TTS threads, and a spinning thread whose peer was preempted burns
+/// its time slice: measured here (2 cores, one call with a barge-in and a keypad utterance),
+/// 21 reply tokens took 5.0-6.5 s with spinning and 1.5-2.8 s with `PASSIVE`.
+///
+/// libgomp reads the variable in its load-time constructor, before `main`, so setting it here
+/// only takes effect in a fresh image: the process re-executes itself once (same pid, same
+/// arguments) with `OMP_WAIT_POLICY=PASSIVE`. An admin's own value is left alone, and if the
+/// exec fails the process goes on as it is.
+fn passive_openmp() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args = std::env::args_os();
+    let Some(arg0) = args.next() else { return };
+    let err = std::process::Command::new(exe)
+        .arg0(arg0)
+        .args(args)
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .exec();
+    eprintln!("warning: could not re-execute with OMP_WAIT_POLICY=PASSIVE ({err}); going on with OpenMP's spinning threads");
 }

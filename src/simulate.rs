@@ -38,8 +38,11 @@ pub struct SimulateArgs {
     /// 16000 kind 0x12 (the channel driver with `c(slin16)`).
     #[arg(long, default_value_t = 8000)]
     pub rate: u32,
-    /// Agent silence (ms) after which its greeting or reply counts as finished.
-    #[arg(long, default_value_t = 1000)]
+    /// Agent silence (ms) after which its greeting or reply counts as finished. The default,
+    /// 3000, is longer than the agent's longest silence while a reply is pending (the dead-air
+    /// policy's `call.second_filler_after_ms`, 2500), so like a real caller the simulated one
+    /// waits through "One moment." for the reply instead of hanging up after the filler.
+    #[arg(long, default_value_t = 3000)]
     pub reply_end_ms: u64,
     /// Longest wait (ms) for a reply to start after an utterance; then it is `null`.
     #[arg(long, default_value_t = 15000)]
@@ -53,7 +56,8 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub barge_in_after_ms: Option<u64>,
     /// Stay on the line, silent, this many ms after the last reply (or after the greeting
-    /// when no WAV is given), unless the agent ends the call first.
+    /// when no WAV is given), unless the agent ends the call first. With `--replay`: this many
+    /// ms before the capture's closing hangup frame (a caller who waits for the answer).
     #[arg(long, default_value_t = 0)]
     pub hold_ms: u64,
     /// Agent frames quieter than this RMS level (dBFS) count as silence; caller frames quieter
@@ -230,7 +234,7 @@ pub async fn simulate(args: &SimulateArgs) -> Result<Report> {
 
     let mut turns = Vec::new();
     if let Some(capture) = &args.replay {
-        call_id = replay(capture, &mut writer, &inbox).await?;
+        call_id = replay(capture, &mut writer, &inbox, args.hold_ms, t0).await?;
     } else {
         writer.write_frame(&Frame::Id(call_id)).await?;
         let mut caller = Pacer::new(rate);
@@ -391,11 +395,16 @@ impl Pacer {
 
 /// Replays a raw capture byte-exactly, frame by frame, at the times in its `.json` (or one
 /// frame per 20 ms of audio when there is none).
+/// With `hold_ms` > 0 a closing hangup frame is held back: the line stays open (20 ms frames
+/// of silence at the capture's last audio rate) until the agent ends the call or `hold_ms`
+/// pass, then the hangup is sent.
 /// Returns the UUID of the capture's id frame.
 async fn replay<W: tokio::io::AsyncWrite + Unpin>(
     capture: &Path,
     w: &mut connection::FrameWriter<W>,
     inbox: &Mutex<Inbox>,
+    hold_ms: u64,
+    t0: Instant,
 ) -> Result<Uuid> {
     let bytes = std::fs::read(capture).with_context(|| format!("cannot read capture {}", capture.display()))?;
     let mut buf = bytes::BytesMut::from(&bytes[..]);
@@ -409,9 +418,14 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(
     };
     let id = *id;
     let times = capture_times(capture)?;
+    let closing = (hold_ms > 0 && matches!(frames.last(), Some(Frame::Hangup))).then(|| frames.pop());
     let start = tokio::time::Instant::now();
     let mut t = 0.0f64;
+    let mut rate = AudioRate::Slin8;
     for (i, f) in frames.iter().enumerate() {
+        if let Frame::Audio { rate: r, .. } = f {
+            rate = *r;
+        }
         t = match &times {
             Some(ts) => ts.get(i).copied().unwrap_or(t),
             None => {
@@ -426,7 +440,14 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(
             break;
         }
         if w.write_frame(f).await.is_err() {
-            break;
+            return Ok(id);
+        }
+    }
+    if let Some(Some(hangup)) = closing {
+        let until = t0.elapsed().as_secs_f64() * 1000.0 + hold_ms as f64;
+        Pacer::new(rate).silence_until(w, inbox, |_, now| now >= until, t0).await?;
+        if inbox.lock().unwrap().ended.is_none() {
+            let _ = w.write_frame(&hangup).await;
         }
     }
     Ok(id)

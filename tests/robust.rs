@@ -298,7 +298,9 @@ fn hostile_peers_are_bounded_and_a_good_call_is_answered() {
             .into_iter()
             .find(|e| e["call_id"] == id.to_string() && e["speaker"] == "caller")
     };
-    wait_until(10, "keypad utterance", || keypad().is_some());
+    // The log line first (its failure message shows the whole service log), then the entry.
+    server.wait_call_line(&id.to_string(), "caller utterance", 30);
+    wait_until(10, "keypad utterance in the conversation log", || keypad().is_some());
     let text = keypad().unwrap()["text"].as_str().unwrap().to_string();
     println!("digit flood -> {text:?}");
     assert_eq!(text, format!("[keypad] {}", "7".repeat(32)));

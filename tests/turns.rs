@@ -421,10 +421,13 @@ fn hangup_decided_by_the_llm_is_carried_out() {
     let server = Server::start(
         "[llm]\ntemperature = 0.0\n[agent]\nsystem_prompt = \"You are a phone receptionist. \
          When the caller uses the keypad, say goodbye and end the call.\"\n\
-         [actions]\nllm_actions = true\n[actions.transfer]\noperator = \"PJSIP/100\"\n",
+         [actions]\nllm_actions = true\n[actions.transfer]\noperator = \"PJSIP/100\"\n\
+         [call]\nllm_timeout_ms = 20000\nreply_deadline_ms = 30000\n",
     );
     let cap = capture("asterisk-22.10.1-call.bin");
-    let r = server.simulate(&["--replay", cap.to_str().unwrap()]);
+    // The caller stays on the line after the capture's keypad input until the agent hangs up
+    // (a slow machine takes seconds to answer; the timeouts above are not what is tested).
+    let r = server.simulate(&["--replay", cap.to_str().unwrap(), "--hold-ms", "30000"]);
     println!("{r}");
     let uuid = r["call_id"].as_str().unwrap();
     let lines = server.wait_call_line(uuid, "call ended", 15);
