@@ -137,6 +137,12 @@ where
             .unwrap_or_default();
         let events = shared.events.clone();
         events.emit(&label, CallEventKind::Started { caller });
+        // If this task panics (a bug, never bad input), the live page and the history still
+        // see the call end instead of keeping it "live" for ever.
+        let mut ended_guard = EndedGuard {
+            events: Some(events.clone()),
+            label: label.clone(),
+        };
         match info {
             Some(c) => {
                 info!("call started");
@@ -166,6 +172,7 @@ where
         }
         drop(call);
         close(&mut reader, &mut writer, &end, write_timeout).await;
+        ended_guard.events = None;
         events.emit(
             &label,
             CallEventKind::Ended {
@@ -177,6 +184,28 @@ where
     }
     .instrument(span)
     .await
+}
+
+/// Emits `Ended { reason: "error" }` for a call whose task unwinds (a panic) before it
+/// emitted its own end; disarmed (`events = None`) on the normal path.
+struct EndedGuard {
+    events: Option<EventBus>,
+    label: String,
+}
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            error!("call task ended abnormally (panic): recording the call as ended");
+            events.emit(
+                &self.label,
+                CallEventKind::Ended {
+                    reason: "error",
+                    detail: "the call's task panicked".into(),
+                },
+            );
+        }
+    }
 }
 
 /// Logs how the call ended and closes the socket: a hangup frame and a FIN when the agent
@@ -956,6 +985,10 @@ impl Call {
 
     fn on_dtmf(&mut self, digit: char) {
         info!("DTMF digit");
+        assert!(
+            !self.shared.cfg.test_faults.panic_on_dtmf,
+            "[test_faults] panic_on_dtmf"
+        );
         debug!(digit = %digit, "DTMF digit value");
         self.last_activity = Instant::now();
         let shared = self.shared.clone();

@@ -62,10 +62,18 @@ impl Call {
                 // The silence timer still ends the turn.
                 Err(e) => warn!("the turn model failed: {e:#}"),
             },
-            TurnMsg::TextSoFar { pause, text } => self.turn_event(turn::Event::TextSoFar {
-                pause,
-                text: text.trim().to_string(),
-            }),
+            TurnMsg::TextSoFar { pause, text } => {
+                debug!(
+                    pause,
+                    chars = text.trim().chars().count(),
+                    silence_ms = self.vad.trailing_silence_ms(),
+                    "text so far"
+                );
+                self.turn_event(turn::Event::TextSoFar {
+                    pause,
+                    text: text.trim().to_string(),
+                })
+            }
         }
     }
 
@@ -87,6 +95,11 @@ impl Call {
                 );
             }
             turn::Action::AskTextSoFar { pause } => {
+                debug!(
+                    pause,
+                    silence_ms = self.vad.trailing_silence_ms(),
+                    "asking STT for the text so far"
+                );
                 let rx = self.stt.text_so_far();
                 let tx = self.turn_tx.clone();
                 tokio::spawn(async move {

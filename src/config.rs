@@ -317,6 +317,9 @@ pub struct FaultsConfig {
     /// `serve` waits this long (ms) before loading the models (tests of `/health` before
     /// ready). Default 0.
     pub startup_delay_ms: u64,
+    /// The call's task panics at the caller's first DTMF digit (tests that a call dying of a
+    /// bug still ends in the live table, the history and the metrics). Default false.
+    pub panic_on_dtmf: bool,
 }
 
 /// `[server]` section.

@@ -19,6 +19,7 @@ pub mod engines;
 pub mod events;
 pub mod llm;
 pub mod models;
+pub mod onnx;
 pub mod server;
 pub mod silero;
 pub mod simulate;

@@ -333,6 +333,7 @@ impl ReplyStream {
             }
         }
         if let Ok(st) = &result {
+            crate::metrics::llm_reply(st.evaluated_tokens, st.generated_tokens, self.started.elapsed());
             // issue 10: one line per reply, for the call benchmark's aggregate tokens/s.
             let end_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -29,5 +29,7 @@ fn passive_openmp() {
         .args(args)
         .env("OMP_WAIT_POLICY", "PASSIVE")
         .exec();
-    eprintln!("warning: could not re-execute with OMP_WAIT_POLICY=PASSIVE ({err}); going on with OpenMP's spinning threads");
+    eprintln!(
+        "warning: could not re-execute with OMP_WAIT_POLICY=PASSIVE ({err}); going on with OpenMP's spinning threads"
+    );
 }

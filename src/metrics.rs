@@ -8,7 +8,8 @@
 use crate::conversation::Speaker;
 use crate::events::{CallEvent, CallEventKind, CallState};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -65,6 +66,17 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `ava_history_dropped_total`: call-history writes dropped (queue full or SQLite error).
     pub history_dropped: IntCounter,
+    /// Wall time (s) the engines spent computing, by `engine` (`stt`: Vosk decoding, `llm`:
+    /// prompt evaluation and generation, `tts`: Piper synthesis and resampling).
+    pub compute_seconds: CounterVec,
+    /// Audio (s) the engines consumed (`stt`: caller audio decoded) or produced (`tts`).
+    /// Real-time factor = `rate(ava_compute_seconds_total{engine})` /
+    /// `rate(ava_audio_seconds_total{engine})`.
+    pub audio_seconds: CounterVec,
+    /// LLM tokens, by `kind` (`evaluated`: prompt tokens not found in the KV cache,
+    /// `generated`). Tokens per second = `rate(ava_llm_tokens_total{kind="generated"})` /
+    /// `rate(ava_compute_seconds_total{engine="llm"})`.
+    pub llm_tokens: IntCounterVec,
 }
 
 /// A frame written this many ms after its tick was due counts as late.
@@ -78,6 +90,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn float_counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
 }
@@ -153,6 +171,24 @@ impl Metrics {
                 &["result"],
             ),
             history_dropped: counter(&r, "ava_history_dropped_total", "Call-history writes dropped."),
+            compute_seconds: float_counter_vec(
+                &r,
+                "ava_compute_seconds_total",
+                "Wall time the engines spent computing, by engine (stt, llm, tts).",
+                &["engine"],
+            ),
+            audio_seconds: float_counter_vec(
+                &r,
+                "ava_audio_seconds_total",
+                "Audio decoded (stt) or synthesized (tts), in seconds.",
+                &["engine"],
+            ),
+            llm_tokens: counter_vec(
+                &r,
+                "ava_llm_tokens_total",
+                "LLM tokens evaluated (prompt, not cached) and generated.",
+                &["kind"],
+            ),
             registry: r,
         };
         // Series that exist from the start, so dashboards and rate() see zeros, not gaps.
@@ -164,6 +200,15 @@ impl Metrics {
         }
         for r in ["confirmed", "resumed"] {
             m.barge_ins.with_label_values(&[r]);
+        }
+        for e in ["stt", "llm", "tts"] {
+            m.compute_seconds.with_label_values(&[e]);
+        }
+        for e in ["stt", "tts"] {
+            m.audio_seconds.with_label_values(&[e]);
+        }
+        for k in ["evaluated", "generated"] {
+            m.llm_tokens.with_label_values(&[k]);
         }
         m
     }
@@ -187,6 +232,34 @@ pub fn render(active_calls: usize) -> String {
 pub fn barge_in(confirmed: bool) {
     let result = if confirmed { "confirmed" } else { "resumed" };
     METRICS.barge_ins.with_label_values(&[result]).inc();
+}
+
+/// An engine (`"stt"` or `"tts"`) spent `compute` on `audio_s` seconds of audio.
+pub fn audio_compute(engine: &'static str, compute: std::time::Duration, audio_s: f64) {
+    METRICS
+        .compute_seconds
+        .with_label_values(&[engine])
+        .inc_by(compute.as_secs_f64());
+    METRICS
+        .audio_seconds
+        .with_label_values(&[engine])
+        .inc_by(audio_s.max(0.0));
+}
+
+/// One LLM reply: `evaluated` prompt tokens (not cached) and `generated` tokens in `compute`.
+pub fn llm_reply(evaluated: usize, generated: usize, compute: std::time::Duration) {
+    METRICS
+        .compute_seconds
+        .with_label_values(&["llm"])
+        .inc_by(compute.as_secs_f64());
+    METRICS
+        .llm_tokens
+        .with_label_values(&["evaluated"])
+        .inc_by(evaluated as u64);
+    METRICS
+        .llm_tokens
+        .with_label_values(&["generated"])
+        .inc_by(generated as u64);
 }
 
 /// A fallback was taken (see [`Metrics::fallbacks`] for the kinds).

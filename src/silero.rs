@@ -10,7 +10,7 @@
 //! `sr` i64 scalar; outputs `output` `[1, 1]` (speech probability) and `stateN` `[2, 1, 128]`.
 
 use crate::audio::StreamResampler;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -38,19 +38,7 @@ impl SileroModel {
     /// # Errors
     /// If a file is missing, ONNX Runtime cannot be loaded, or the model does not load or run.
     pub fn load(onnx: &Path, onnxruntime: &Path) -> Result<SileroModel> {
-        for f in [onnx, onnxruntime] {
-            if !f.is_file() {
-                bail!("{} is missing", f.display());
-            }
-        }
-        ort::init_from(onnxruntime)
-            .with_context(|| format!("cannot load ONNX Runtime from {}", onnxruntime.display()))?
-            .commit();
-        let session = ort::session::Session::builder()
-            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
-            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_file(onnx))
-            .with_context(|| format!("ONNX Runtime could not load the VAD model {}", onnx.display()))?;
+        let session = crate::onnx::session(onnx, onnxruntime, 1, "the VAD model")?;
         let m = SileroModel {
             session: Mutex::new(session),
             path: onnx.to_path_buf(),

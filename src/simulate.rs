@@ -445,7 +445,9 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(
     }
     if let Some(Some(hangup)) = closing {
         let until = t0.elapsed().as_secs_f64() * 1000.0 + hold_ms as f64;
-        Pacer::new(rate).silence_until(w, inbox, |_, now| now >= until, t0).await?;
+        Pacer::new(rate)
+            .silence_until(w, inbox, |_, now| now >= until, t0)
+            .await?;
         if inbox.lock().unwrap().ended.is_none() {
             let _ = w.write_frame(&hangup).await;
         }

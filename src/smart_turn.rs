@@ -10,7 +10,7 @@
 //! `[1, 1]` f32, a sigmoid probability that the turn is complete.
 
 use crate::audio::resample_all;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use realfft::RealFftPlanner;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -181,23 +181,7 @@ impl SmartTurn {
     /// # Errors
     /// If a file is missing, ONNX Runtime cannot be loaded, or the model does not load or run.
     pub fn load(onnx: &Path, onnxruntime: &Path) -> Result<SmartTurn> {
-        for f in [onnx, onnxruntime] {
-            if !f.is_file() {
-                bail!("{} is missing", f.display());
-            }
-        }
-        ort::init_from(onnxruntime)
-            .with_context(|| format!("cannot load ONNX Runtime from {}", onnxruntime.display()))?
-            .commit();
-        let session = ort::session::Session::builder()
-            .and_then(|b| {
-                b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::Level3)
-                    .map_err(Into::into)
-            })
-            .and_then(|b| b.with_intra_threads(intra_threads()).map_err(Into::into))
-            .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_file(onnx))
-            .with_context(|| format!("ONNX Runtime could not load the turn model {}", onnx.display()))?;
+        let session = crate::onnx::session(onnx, onnxruntime, intra_threads(), "the turn model")?;
         let st = SmartTurn {
             session: Mutex::new(session),
             path: onnx.to_path_buf(),

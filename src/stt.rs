@@ -71,19 +71,27 @@ impl SttEngine {
                     match cmd {
                         Command::Audio(samples) => {
                             queued_in_thread.fetch_sub(samples.len(), Ordering::Relaxed);
+                            let started = Instant::now();
                             buf.clear();
                             resampler.push(&samples, &mut buf);
                             if let Ok(vosk::DecodingState::Finalized) = rec.accept_waveform(&buf) {
                                 // Vosk's own endpoint inside a long utterance: keep its text.
                                 push_words(&mut text, rec.result().single().map(|r| r.text).unwrap_or(""));
                             }
+                            crate::metrics::audio_compute(
+                                "stt",
+                                started.elapsed(),
+                                samples.len() as f64 / call_rate_hz.max(1) as f64,
+                            );
                         }
                         Command::Finish(asked) => {
+                            let started = Instant::now();
                             buf.clear();
                             resampler.flush(&mut buf);
                             let _ = rec.accept_waveform(&buf);
                             push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
                             rec.reset();
+                            crate::metrics::audio_compute("stt", started.elapsed(), 0.0);
                             let result = SttResult {
                                 text: std::mem::take(&mut text),
                                 finish_ms: asked.elapsed().as_millis() as u64,

@@ -101,10 +101,14 @@ impl TtsEngine {
                         let pcm = f32_to_i16(&samples, settings.gain);
                         resample_all(&pcm, rate, job.rate_hz)
                     })
-                    .map(|samples| Speech {
-                        samples,
-                        rate_hz: job.rate_hz,
-                        synth_ms: started.elapsed().as_millis() as u64,
+                    .map(|samples| {
+                        let audio_s = samples.len() as f64 / job.rate_hz.max(1) as f64;
+                        crate::metrics::audio_compute("tts", started.elapsed(), audio_s);
+                        Speech {
+                            samples,
+                            rate_hz: job.rate_hz,
+                            synth_ms: started.elapsed().as_millis() as u64,
+                        }
                     });
                 let _ = job.reply.send(result);
             }

@@ -329,6 +329,31 @@ fn calls_are_counted_recorded_and_scraped_however_they_end() {
         1.0
     );
     assert!(delta(&before, &after, "ava_frames_written_total") > 100.0);
+    // The engines' cost: real-time factors and tokens per second can be computed.
+    for engine in ["stt", "tts"] {
+        let compute = delta(
+            &before,
+            &after,
+            &format!("ava_compute_seconds_total{{engine=\"{engine}\"}}"),
+        );
+        let audio = delta(
+            &before,
+            &after,
+            &format!("ava_audio_seconds_total{{engine=\"{engine}\"}}"),
+        );
+        assert!(
+            compute > 0.0 && audio > 1.0,
+            "{engine}: {compute} s on {audio} s of audio"
+        );
+        println!("{engine} real-time factor: {:.2}", compute / audio);
+    }
+    let generated = delta(&before, &after, "ava_llm_tokens_total{kind=\"generated\"}");
+    let llm_s = delta(&before, &after, "ava_compute_seconds_total{engine=\"llm\"}");
+    assert!(
+        generated >= agent_replies.len() as f64 && llm_s > 0.0,
+        "{generated} tokens in {llm_s} s"
+    );
+    println!("LLM: {:.1} generated tokens/s", generated / llm_s);
 
     // The history holds each call with its turns, timings and decision.
     let (code, body) = get(&format!("http://{http}/api/calls"));
@@ -717,4 +742,39 @@ fn the_live_page_shows_a_call_as_it_happens_then_in_the_history() {
     cdp.screenshot(&shot);
     println!("screenshot: {}", shot.display());
     drop(browser);
+}
+
+/// A call whose task dies of a bug (a panic injected at the first DTMF digit) still ends
+/// everywhere the admin looks: not live any more, in the history as an error, counted in the
+/// metrics; its call slot is freed and the next call is answered.
+#[test]
+fn a_call_that_panics_is_still_recorded_as_ended() {
+    let _g = serial();
+    let server = Server::start("[server]\nmax_calls = 1\n[test_faults]\npanic_on_dtmf = true\n");
+    let http = server.http_addr();
+    let before = scrape(&http);
+    let (mut s, id) = open_call(&server.addr);
+    s.write_all(&frame(0x10, &[0u8; 320])).unwrap();
+    s.write_all(&frame(0x03, b"5")).unwrap();
+    server.wait_log("call task ended abnormally", 10);
+    drain(s, 10);
+    wait_active(&http, 0, 10);
+    let after = scrape(&http);
+    assert_eq!(delta(&before, &after, "ava_calls_ended_total{reason=\"error\"}"), 1.0);
+    let t = Instant::now();
+    let row = loop {
+        let (_, body) = get(&format!("http://{http}/api/calls"));
+        let calls: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        if let Some(c) = calls.into_iter().find(|c| c["call_id"] == id.to_string()) {
+            if !c["end_reason"].is_null() {
+                break c;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{id} never ended in the history");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(row["end_reason"], "error", "{row}");
+    // The only call slot is free again: a normal call gets its greeting.
+    let r = server.simulate(&[]);
+    assert!(r["greeting_ms"].as_f64().is_some(), "{r}");
 }

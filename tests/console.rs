@@ -347,7 +347,6 @@ fn console_call_greets_answers_and_says_goodbye_on_ctrl_c() {
 }
 
 #[test]
-#[ignore = "issue 11 open: the level echo gate let the greeting's echo through in 3 of 3 runs of the merged tree on a slowed machine (passed on the console branch); run with --ignored"]
 fn on_speakers_the_echo_does_not_interrupt_but_the_caller_does_and_unplugging_ends_the_call() {
     let _g = serial();
     // The speaker comes back into the microphone 12 dB down, 40 ms late.

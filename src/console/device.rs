@@ -9,7 +9,7 @@
 //! ([`super::echo`]) and notices a failed or unplugged device (an error from the callback, or a
 //! microphone that stops delivering audio), which ends the call with a message.
 
-use super::echo::{EchoGate, EchoReference, ECHO_TAIL_MS};
+use super::echo::{EchoGate, EchoReference};
 use crate::audio::{rms_dbfs, StreamResampler};
 use crate::audiosocket::{AudioRate, ConnectionError, Frame};
 use crate::transport::{CallInput, CallOutput};
@@ -362,7 +362,12 @@ pub fn open_input(
         let cap = (cfg.sample_rate.0 * CAPTURE_RING_MS / 1000) as usize;
         let (producer, consumer) = rtrb::RingBuffer::<f32>::new(cap);
         let st = status.clone();
-        let stream = with_sample_type!(c.sample_format(), T, build_input::<T>(&d, &cfg, producer, st))?;
+        let r = reference.clone();
+        let stream = with_sample_type!(
+            c.sample_format(),
+            T,
+            build_input::<T>(&d, &cfg, producer, st, r.clone())
+        )?;
         Ok((stream, consumer))
     })?;
     let rate = c.sample_rate().0;
@@ -399,6 +404,7 @@ fn build_input<T>(
     cfg: &StreamConfig,
     mut ring: rtrb::Producer<f32>,
     status: Arc<DeviceStatus>,
+    reference: Arc<EchoReference>,
 ) -> Result<cpal::Stream, String>
 where
     T: SizedSample,
@@ -408,7 +414,11 @@ where
     let scale = 1.0 / channels as f32;
     d.build_input_stream(
         cfg,
-        move |data: &[T], _: &cpal::InputCallbackInfo| {
+        move |data: &[T], info: &cpal::InputCallbackInfo| {
+            let ts = info.timestamp();
+            if let Some(lat) = ts.callback.duration_since(&ts.capture) {
+                reference.set_input_latency(lat);
+            }
             for frame in data.chunks(channels) {
                 let sum: f32 = frame.iter().map(|s| s.to_sample::<f32>()).sum();
                 // A full ring means the call side stopped reading: drop the newest.
@@ -435,7 +445,12 @@ pub fn open_output(name: Option<&str>, reference: Arc<EchoReference>) -> Result<
         let (producer, consumer) = rtrb::RingBuffer::<f32>::new(cap);
         let prefill = (cfg.sample_rate.0 * PLAYBACK_PREFILL_MS / 1000) as usize;
         let st = status.clone();
-        let stream = with_sample_type!(c.sample_format(), T, build_output::<T>(&d, &cfg, consumer, prefill, st))?;
+        let r = reference.clone();
+        let stream = with_sample_type!(
+            c.sample_format(),
+            T,
+            build_output::<T>(&d, &cfg, consumer, prefill, st, r.clone())
+        )?;
         Ok((stream, producer))
     })?;
     let rate = c.sample_rate().0;
@@ -466,6 +481,7 @@ fn build_output<T>(
     mut ring: rtrb::Consumer<f32>,
     prefill: usize,
     status: Arc<DeviceStatus>,
+    reference: Arc<EchoReference>,
 ) -> Result<cpal::Stream, String>
 where
     T: SizedSample + FromSample<f32>,
@@ -474,7 +490,11 @@ where
     let mut playing = false;
     d.build_output_stream(
         cfg,
-        move |data: &mut [T], _: &cpal::OutputCallbackInfo| {
+        move |data: &mut [T], info: &cpal::OutputCallbackInfo| {
+            let ts = info.timestamp();
+            if let Some(lat) = ts.playback.duration_since(&ts.callback) {
+                reference.set_output_latency(lat);
+            }
             if !playing && ring.slots() >= prefill {
                 playing = true;
             }
@@ -537,9 +557,7 @@ impl ConsoleInput {
         }
         self.frames += 1;
         let frame = &mut self.pending[..n];
-        let reference = self
-            .reference
-            .loudest(Instant::now(), Duration::from_millis(ECHO_TAIL_MS));
+        let reference = self.reference.loudest(Instant::now(), self.reference.window());
         let level = rms_dbfs(frame);
         if !self.gate.pass(level, reference) {
             if level > MUTED_COUNT_FLOOR_DBFS {

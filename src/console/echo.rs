@@ -5,6 +5,7 @@
 //! quieter frames reach the call as silence. No I/O here: levels in dBFS, times passed in.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,13 +20,44 @@ pub const ECHO_TAIL_MS: u64 = 300;
 /// playback level to pass. -6 dB stops echo coupled 6 dB or more below the played level.
 pub const DEFAULT_MARGIN_DB: f32 = -6.0;
 
-/// Levels of the agent audio sent to the speaker, by the time each frame is due to play.
+/// Device latencies above this (ms) are taken as a driver's nonsense and capped.
+pub const MAX_DEVICE_LATENCY_MS: u64 = 2000;
+
+/// Levels of the agent audio sent to the speaker, by the time each frame leaves our playback
+/// buffer for the device, and the devices' own latencies as the sound driver reports them.
 #[derive(Debug, Default)]
 pub struct EchoReference {
     levels: Mutex<VecDeque<(Instant, f32)>>,
+    /// Output: from the device callback to the moment its first sample is heard (µs).
+    output_latency_us: AtomicU64,
+    /// Input: from the moment a sample was captured to the callback that delivers it (µs).
+    input_latency_us: AtomicU64,
 }
 
 impl EchoReference {
+    /// Records the speaker's latency (cpal's `playback - callback`), capped at
+    /// [`MAX_DEVICE_LATENCY_MS`].
+    pub fn set_output_latency(&self, d: Duration) {
+        self.output_latency_us.store(cap_us(d), Ordering::Relaxed);
+    }
+
+    /// Records the microphone's latency (cpal's `callback - capture`), capped at
+    /// [`MAX_DEVICE_LATENCY_MS`].
+    pub fn set_input_latency(&self, d: Duration) {
+        self.input_latency_us.store(cap_us(d), Ordering::Relaxed);
+    }
+
+    /// How far back from "now" a microphone frame's echo may come from: the acoustic tail
+    /// ([`ECHO_TAIL_MS`]) plus the speaker's and the microphone's latencies, since an agent
+    /// frame is heard that long after it leaves our buffer and the microphone hands its echo
+    /// over that long after capturing it. Under a loaded sound server (PulseAudio on a busy
+    /// 2-core machine) these latencies alone exceeded the 300 ms tail and the echo got through.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(ECHO_TAIL_MS)
+            + Duration::from_micros(self.output_latency_us.load(Ordering::Relaxed))
+            + Duration::from_micros(self.input_latency_us.load(Ordering::Relaxed))
+    }
+
     /// Records that a frame of `level_dbfs` plays at `due`. Silence is not recorded; entries
     /// more than 2 s older than `due` are dropped (the queue stays bounded).
     pub fn push(&self, due: Instant, level_dbfs: f32) {
@@ -52,6 +84,10 @@ impl EchoReference {
             .map(|(_, l)| *l)
             .fold(None, |m: Option<f32>, l| Some(m.map_or(l, |m| m.max(l))))
     }
+}
+
+fn cap_us(d: Duration) -> u64 {
+    (d.as_micros() as u64).min(MAX_DEVICE_LATENCY_MS * 1000)
 }
 
 /// The gate's decision rule.
@@ -91,6 +127,21 @@ mod tests {
         assert_eq!(r.loudest(t0 + Duration::from_millis(400), tail), None);
         // Not yet playing (due later than the next frame): no echo yet.
         assert_eq!(r.loudest(t0 - Duration::from_millis(100), tail), None);
+    }
+
+    #[test]
+    fn device_latencies_widen_the_window() {
+        let r = EchoReference::default();
+        let t0 = Instant::now();
+        r.push(t0, -20.0);
+        let later = t0 + Duration::from_millis(500);
+        assert_eq!(r.loudest(later, r.window()), None, "beyond the 300 ms tail");
+        r.set_output_latency(Duration::from_millis(150));
+        r.set_input_latency(Duration::from_millis(100));
+        assert_eq!(r.window(), Duration::from_millis(550));
+        assert_eq!(r.loudest(later, r.window()), Some(-20.0), "heard late: still gated");
+        r.set_output_latency(Duration::from_secs(3600));
+        assert!(r.window() <= Duration::from_millis(ECHO_TAIL_MS + 2 * MAX_DEVICE_LATENCY_MS));
     }
 
     #[test]
