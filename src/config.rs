@@ -192,7 +192,8 @@ pub struct CallConfig {
     pub max_call_ms: u64,
     /// Longest time (ms) without caller speech; then the goodbye and a hangup. Default 30000.
     pub max_silence_ms: u64,
-    /// A reply whose first token has not come in this many ms is retried. Default 5000.
+    /// A reply attempt is retried when the LLM sends nothing (its first token, or the next one)
+    /// for this many ms. Default 5000.
     pub llm_timeout_ms: u64,
     /// Retries of a failed or timed-out reply before the fallback model (or the apology). Default 2.
     pub llm_retries: u32,
