@@ -137,11 +137,12 @@ where
             .unwrap_or_default();
         let events = shared.events.clone();
         events.emit(&label, CallEventKind::Started { caller });
-        // If this task panics (a bug, never bad input), the live page and the history still
-        // see the call end instead of keeping it "live" for ever.
-        let mut ended_guard = EndedGuard {
-            events: Some(events.clone()),
+        // Emits the call's Ended event when this task finishes, and also if it panics (a bug,
+        // never bad input), so the live page and the history never keep the call "live".
+        let mut ended = EndedGuard {
+            events,
             label: label.clone(),
+            end: None,
         };
         match info {
             Some(c) => {
@@ -172,39 +173,29 @@ where
         }
         drop(call);
         close(&mut reader, &mut writer, &end, write_timeout).await;
-        ended_guard.events = None;
-        events.emit(
-            &label,
-            CallEventKind::Ended {
-                reason: end.label(),
-                detail: end.detail().to_string(),
-            },
-        );
+        ended.end = Some((end.label(), end.detail().to_string()));
+        drop(ended);
         end
     }
     .instrument(span)
     .await
 }
 
-/// Emits `Ended { reason: "error" }` for a call whose task unwinds (a panic) before it
-/// emitted its own end; disarmed (`events = None`) on the normal path.
+/// Emits the call's `Ended` event when dropped: with `end` (reason label, detail) as set on
+/// the normal path, or `reason: "error"` when the task unwinds (a panic) before setting it.
 struct EndedGuard {
-    events: Option<EventBus>,
+    events: EventBus,
     label: String,
+    end: Option<(&'static str, String)>,
 }
 
 impl Drop for EndedGuard {
     fn drop(&mut self) {
-        if let Some(events) = self.events.take() {
+        let (reason, detail) = self.end.take().unwrap_or_else(|| {
             error!("call task ended abnormally (panic): recording the call as ended");
-            events.emit(
-                &self.label,
-                CallEventKind::Ended {
-                    reason: "error",
-                    detail: "the call's task panicked".into(),
-                },
-            );
-        }
+            ("error", "the call's task panicked".into())
+        });
+        self.events.emit(&self.label, CallEventKind::Ended { reason, detail });
     }
 }
 

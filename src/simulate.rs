@@ -418,14 +418,14 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(
     };
     let id = *id;
     let times = capture_times(capture)?;
-    let closing = (hold_ms > 0 && matches!(frames.last(), Some(Frame::Hangup))).then(|| frames.pop());
+    let closing = if hold_ms > 0 && matches!(frames.last(), Some(Frame::Hangup)) {
+        frames.pop()
+    } else {
+        None
+    };
     let start = tokio::time::Instant::now();
     let mut t = 0.0f64;
-    let mut rate = AudioRate::Slin8;
     for (i, f) in frames.iter().enumerate() {
-        if let Frame::Audio { rate: r, .. } = f {
-            rate = *r;
-        }
         t = match &times {
             Some(ts) => ts.get(i).copied().unwrap_or(t),
             None => {
@@ -443,7 +443,15 @@ async fn replay<W: tokio::io::AsyncWrite + Unpin>(
             return Ok(id);
         }
     }
-    if let Some(Some(hangup)) = closing {
+    if let Some(hangup) = closing {
+        let rate = frames
+            .iter()
+            .rev()
+            .find_map(|f| match f {
+                Frame::Audio { rate, .. } => Some(*rate),
+                _ => None,
+            })
+            .unwrap_or(AudioRate::Slin8);
         let until = t0.elapsed().as_secs_f64() * 1000.0 + hold_ms as f64;
         Pacer::new(rate)
             .silence_until(w, inbox, |_, now| now >= until, t0)

@@ -65,6 +65,7 @@ impl SttEngine {
                     tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
                     return;
                 };
+                let cost = crate::metrics::AudioCost::new("stt");
                 let mut buf = Vec::with_capacity(640);
                 let mut text = String::new();
                 for cmd in cmd_rx {
@@ -78,11 +79,7 @@ impl SttEngine {
                                 // Vosk's own endpoint inside a long utterance: keep its text.
                                 push_words(&mut text, rec.result().single().map(|r| r.text).unwrap_or(""));
                             }
-                            crate::metrics::audio_compute(
-                                "stt",
-                                started.elapsed(),
-                                samples.len() as f64 / call_rate_hz.max(1) as f64,
-                            );
+                            cost.record(started.elapsed(), samples.len() as f64 / call_rate_hz.max(1) as f64);
                         }
                         Command::Finish(asked) => {
                             let started = Instant::now();
@@ -91,7 +88,7 @@ impl SttEngine {
                             let _ = rec.accept_waveform(&buf);
                             push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
                             rec.reset();
-                            crate::metrics::audio_compute("stt", started.elapsed(), 0.0);
+                            cost.record(started.elapsed(), 0.0);
                             let result = SttResult {
                                 text: std::mem::take(&mut text),
                                 finish_ms: asked.elapsed().as_millis() as u64,

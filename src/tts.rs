@@ -92,6 +92,7 @@ impl TtsEngine {
         std::thread::Builder::new().name("tts".into()).spawn(move || {
             let _live = live;
             crate::engines::lower_thread_priority();
+            let cost = crate::metrics::AudioCost::new("tts");
             for job in rx {
                 let started = Instant::now();
                 let result = piper
@@ -102,12 +103,12 @@ impl TtsEngine {
                         resample_all(&pcm, rate, job.rate_hz)
                     })
                     .map(|samples| {
-                        let audio_s = samples.len() as f64 / job.rate_hz.max(1) as f64;
-                        crate::metrics::audio_compute("tts", started.elapsed(), audio_s);
+                        let took = started.elapsed();
+                        cost.record(took, samples.len() as f64 / job.rate_hz.max(1) as f64);
                         Speech {
                             samples,
                             rate_hz: job.rate_hz,
-                            synth_ms: started.elapsed().as_millis() as u64,
+                            synth_ms: took.as_millis() as u64,
                         }
                     });
                 let _ = job.reply.send(result);

@@ -362,11 +362,10 @@ pub fn open_input(
         let cap = (cfg.sample_rate.0 * CAPTURE_RING_MS / 1000) as usize;
         let (producer, consumer) = rtrb::RingBuffer::<f32>::new(cap);
         let st = status.clone();
-        let r = reference.clone();
         let stream = with_sample_type!(
             c.sample_format(),
             T,
-            build_input::<T>(&d, &cfg, producer, st, r.clone())
+            build_input::<T>(&d, &cfg, producer, st, reference.clone())
         )?;
         Ok((stream, consumer))
     })?;
@@ -445,11 +444,10 @@ pub fn open_output(name: Option<&str>, reference: Arc<EchoReference>) -> Result<
         let (producer, consumer) = rtrb::RingBuffer::<f32>::new(cap);
         let prefill = (cfg.sample_rate.0 * PLAYBACK_PREFILL_MS / 1000) as usize;
         let st = status.clone();
-        let r = reference.clone();
         let stream = with_sample_type!(
             c.sample_format(),
             T,
-            build_output::<T>(&d, &cfg, consumer, prefill, st, r.clone())
+            build_output::<T>(&d, &cfg, consumer, prefill, st, reference.clone())
         )?;
         Ok((stream, producer))
     })?;
