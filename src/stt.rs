@@ -101,11 +101,13 @@ impl SttEngine {
                             // Finalize what was heard up to the pause and keep it: the rest of
                             // the utterance (if the caller goes on) is appended, as after
                             // Vosk's own endpoint above.
+                            let started = Instant::now();
                             buf.clear();
                             resampler.flush(&mut buf);
                             let _ = rec.accept_waveform(&buf);
                             push_words(&mut text, rec.final_result().single().map(|r| r.text).unwrap_or(""));
                             rec.reset();
+                            cost.record(started.elapsed(), 0.0);
                             let _ = reply.send(text.clone());
                         }
                         Command::Discard => {
