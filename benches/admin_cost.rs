@@ -41,21 +41,7 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn watchers(http: &str, dir: &std::path::Path) -> Vec<Child> {
-    let port = free_port();
-    let cfg = dir.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ava\n    static_configs:\n      - targets: ['{http}']\n"),
-    )
-    .unwrap();
-    let prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (scripts/deps-admin.sh)");
+    let (prom, _) = prometheus_scraping(http, dir);
     let browser = Command::new("chromium")
         .args([
             "--headless",

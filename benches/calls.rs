@@ -7,6 +7,9 @@
 //! `BENCH_CALLS=1,4,8` (call counts, a fresh server each), `BENCH_WAVS=a.wav,b.wav` (utterances
 //! per call; default book_appointment and opening_hours), `BENCH_SCHEDULERS=batched,per_call`
 //! (issue 10: `[llm] scheduler` values compared in the same run), `BENCH_BARGE_IN=6`.
+//! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
+//! Prometheus scraping `/metrics` every second, to see what being watched costs the pacing; needs
+//! scripts/deps-admin.sh; default `none`).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
 //! call, and the Vosk recognizers' own share of it (measured in this process).
 
@@ -15,6 +18,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::process::Command;
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -100,6 +104,20 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
     (after.saturating_sub(before)) as f64 / k as f64
 }
 
+/// `ava_frames_late_total` and `ava_frames_written_total` (agent frames written more than 10 ms
+/// after their tick, and all of them) from the server's `/metrics`; 0 when unreadable.
+fn frames_late(http: &str) -> (u64, u64) {
+    let text = reqwest::blocking::get(format!("http://{http}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    let get = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    };
+    (get("ava_frames_late_total"), get("ava_frames_written_total"))
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let counts: Vec<usize> = std::env::var("BENCH_CALLS")
@@ -135,16 +153,34 @@ fn main() {
         "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB",
         stt_kb / 1024.0
     );
+    let observers: Vec<String> = std::env::var("BENCH_OBSERVERS")
+        .unwrap_or_else(|_| "none".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     let mut summary: Vec<String> = Vec::new();
-    for (n, sched) in counts
-        .iter()
-        .flat_map(|&n| schedulers.iter().map(move |s| (n, s.clone())))
-    {
+    for (n, sched, observer) in counts.iter().flat_map(|&n| {
+        let observers = observers.clone();
+        schedulers
+            .iter()
+            .flat_map(move |s| observers.clone().into_iter().map(move |o| (n, s.clone(), o)))
+    }) {
         let server = Server::start_with(
             &format!("max_calls = {}", n.max(8)),
             &format!("\n[llm]\nscheduler = \"{sched}\"\n"),
         );
         let pid = server.pid();
+        let prom_dir = tempfile::tempdir().unwrap();
+        let mut prometheus = match observer.as_str() {
+            "none" => None,
+            "prometheus" => {
+                let (p, _) = prometheus_scraping(&server.http_addr(), prom_dir.path());
+                std::thread::sleep(std::time::Duration::from_secs(3)); // started and scraping
+                Some(p)
+            }
+            other => panic!("BENCH_OBSERVERS: unknown observer {other:?} (none | prometheus)"),
+        };
+        let late_before = frames_late(&server.http_addr());
         let startup = server
             .log()
             .lines()
@@ -197,7 +233,7 @@ fn main() {
         );
 
         println!(
-            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, {} turns ({missing} without a reply)",
+            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, observer: {observer}, {} turns ({missing} without a reply)",
             v2v.len() + missing
         );
         println!(
@@ -250,9 +286,16 @@ fn main() {
             pct(&mut greet, 0.5),
             pct(&mut greet, 1.0)
         );
+        let late_after = frames_late(&server.http_addr());
+        let late = format!(
+            "{} of {}",
+            late_after.0 - late_before.0,
+            late_after.1 - late_before.1
+        );
         println!(
-            "agent pacing gaps: worst call p99 {:.2} ms, worst max {:.2} ms",
+            "agent pacing gaps (at the simulated caller): worst call p99 {:.2} ms, median call p99 {:.2} ms, worst max {:.2} ms; frames written late (server side, ava_frames_late_total): {late}",
             pct(&mut p99, 1.0),
+            pct(&mut p99, 0.5),
             pct(&mut maxgap, 1.0)
         );
         let fillers = conv.iter().filter(|e| e["prompt"] == "filler").count();
@@ -283,12 +326,13 @@ fn main() {
         };
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
         summary.push(format!(
-            "{n} call(s) {sched:>9}: transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 {:.2} ms, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
+            "{n} call(s) {sched:>9} {observer:>10}: transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
             pct(&mut llm, 0.5),
             pct(&mut llm, 0.95),
             pct(&mut tts, 0.5),
             pct(&mut tts, 0.95),
             pct(&mut p99, 1.0),
+            pct(&mut p99, 0.5),
             idle_rss / 1024,
             peak_rss / 1024,
         ));
@@ -318,6 +362,10 @@ fn main() {
             pct(&mut stops, 0.5),
             pct(&mut stops, 0.95)
         );
+        if let Some(p) = prometheus.as_mut() {
+            let _ = Command::new("kill").arg(p.id().to_string()).status();
+            let _ = p.wait();
+        }
     }
     println!("\n== summary (shared 2-core machine unless stated otherwise)");
     for l in summary {

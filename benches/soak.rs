@@ -1,7 +1,8 @@
 //! Soak benchmark (issue 7): simulated calls two at a time against the real `serve` with the
 //! test models for `SOAK_MINUTES` (default 30), printing the server's RSS, threads and open
-//! fds every minute, and at the end the slope per call after warm-up (the first minute). RSS
-//! should stay flat: a slope near 0 KiB per call. Not a test: it asserts nothing.
+//! fds every minute (RSS also as the minute's floor and peak, sampled every 250 ms), and at the
+//! end the slope per call after warm-up (the first minute). RSS should stay flat: a slope near
+//! 0 KiB per call. Not a test: it asserts nothing.
 //!
 //! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
 //! shorter run. On a shared machine wrap it in `flock /tmp/ava-bench.lock`.
@@ -60,13 +61,13 @@ fn main() {
         fds(pid)
     );
     println!(
-        "{:>4} {:>6} {:>9} {:>8} {:>5} {:>8}",
-        "min", "calls", "RSS_MiB", "threads", "fds", "no_reply"
+        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8}",
+        "min", "calls", "RSS_MiB", "floor_MiB", "peak_MiB", "threads", "fds", "no_reply"
     );
     let calls = AtomicUsize::new(0);
     let missing = AtomicUsize::new(0);
     let end = Instant::now() + Duration::from_secs(minutes * 60);
-    let mut rows: Vec<(f64, f64, f64, f64)> = Vec::new(); // calls, rss KiB, threads, fds
+    let mut rows: Vec<(f64, f64, f64, f64, f64)> = Vec::new(); // calls, rss KiB, threads, fds, RSS floor KiB
     std::thread::scope(|s| {
         for lane in 0..2 {
             let (server, calls, missing, wavs) = (&server, &calls, &missing, &wavs);
@@ -85,17 +86,29 @@ fn main() {
         }
         for m in 1..=minutes {
             let wake = end - Duration::from_secs((minutes - m) * 60);
-            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            // RSS every 250 ms through the minute: its floor (the moments between calls' big
+            // buffers) shows a leak far better than one sample taken wherever the calls are.
+            let mut floor = u64::MAX;
+            let mut peak = 0;
+            while Instant::now() < wake {
+                let kb = status(pid, "VmRSS:");
+                floor = floor.min(kb);
+                peak = peak.max(kb);
+                std::thread::sleep(Duration::from_millis(250).min(wake.saturating_duration_since(Instant::now())));
+            }
             let row = (
                 calls.load(Ordering::Relaxed) as f64,
                 status(pid, "VmRSS:") as f64,
                 status(pid, "Threads:") as f64,
                 fds(pid) as f64,
+                floor as f64,
             );
             println!(
-                "{m:>4} {:>6} {:>9.1} {:>8} {:>5} {:>8}",
+                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8}",
                 row.0,
                 row.1 / 1024.0,
+                row.4 / 1024.0,
+                peak as f64 / 1024.0,
                 row.2,
                 row.3,
                 missing.load(Ordering::Relaxed)
@@ -105,10 +118,11 @@ fn main() {
     });
     // After warm-up: the first minute's row is the baseline.
     let warm: Vec<_> = rows.iter().skip(1).collect();
-    let per = |f: fn(&(f64, f64, f64, f64)) -> f64| slope(&warm.iter().map(|r| (r.0, f(r))).collect::<Vec<_>>());
+    let per = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| slope(&warm.iter().map(|r| (r.0, f(r))).collect::<Vec<_>>());
     println!(
-        "slope per call after warm-up: RSS {:+.2} KiB, threads {:+.4}, fds {:+.4} ({} calls, {} without a reply)",
+        "slope per call after warm-up: RSS {:+.2} KiB (the minute's floor {:+.2} KiB), threads {:+.4}, fds {:+.4} ({} calls, {} without a reply)",
         per(|r| r.1),
+        per(|r| r.4),
         per(|r| r.2),
         per(|r| r.3),
         calls.load(Ordering::Relaxed),

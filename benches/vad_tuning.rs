@@ -8,14 +8,56 @@
 //! - speech levels (for the energy floor) and the per-frame CPU cost.
 //!
 //! Run: `cargo bench --bench vad_tuning`. Environment: `VAD_SPEECH_DIR` (default
-//! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`).
-//! Not a test: it asserts nothing.
+//! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
+//! `VAD_ENGINE` (`earshot` | `silero`: issue 8, Silero VAD's probability scores the frames, with
+//! `vad.silero_threshold` in place of `vad.speech_threshold` and the same gates), `SILERO_MODEL`
+//! (default `<AVA_HOME>/mirror/turn/silero_vad.onnx`), `ORT_LIB` (default
+//! `<AVA_HOME>/lib/libonnxruntime.so.1`). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::VadConfig;
 use asterisk_voice_agent::vad::{EndReason, FrameScore, FrameScorer, Vad, VadEvent, FRAME_MS};
+use asterisk_voice_agent::silero::SileroModel;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+/// Silero VAD when `VAD_ENGINE=silero`, loaded once.
+static SILERO: OnceLock<Option<Arc<SileroModel>>> = OnceLock::new();
+
+fn silero() -> Option<&'static Arc<SileroModel>> {
+    SILERO
+        .get_or_init(|| {
+            (std::env::var("VAD_ENGINE").as_deref() == Ok("silero")).then(|| {
+                let home = Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/asterisk-voice-agent");
+                let p = std::env::var_os("SILERO_MODEL")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| home.join("mirror/turn/silero_vad.onnx"));
+                let ort = std::env::var_os("ORT_LIB")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| home.join("lib/libonnxruntime.so.1"));
+                Arc::new(SileroModel::load(&p, &ort).unwrap_or_else(|e| panic!("{}: {e:#}", p.display())))
+            })
+        })
+        .as_ref()
+}
+
+/// The detector under test: earshot's, or Silero's with `VAD_ENGINE=silero`.
+fn new_vad(cfg: &VadConfig) -> Vad {
+    match silero() {
+        Some(m) => Vad::with_silero(cfg, m.clone()),
+        None => Vad::new(cfg),
+    }
+}
+
+/// The score threshold the detector under test uses.
+fn threshold(cfg: &VadConfig) -> f32 {
+    if silero().is_some() {
+        cfg.silero_threshold
+    } else {
+        cfg.speech_threshold
+    }
+}
 
 struct Clip {
     name: String,
@@ -45,7 +87,10 @@ fn pct(v: &[u32], p: f64) -> u32 {
 
 /// Frame scores of a clip fed in 20 ms frames.
 fn scores(clip: &Clip) -> Vec<FrameScore> {
-    let mut s = FrameScorer::new();
+    let mut s = match silero() {
+        Some(m) => FrameScorer::with_silero(m.clone()),
+        None => FrameScorer::new(),
+    };
     let mut out = Vec::new();
     for f in clip.samples.chunks((clip.rate / 50) as usize) {
         s.push(f, clip.rate);
@@ -84,7 +129,7 @@ fn pauses(voiced: &[bool]) -> Vec<(f32, u32)> {
 /// Runs the full detector over a clip in 20 ms frames; events with their time (ms, end of the
 /// frame that produced them).
 fn events(clip: &Clip, cfg: &VadConfig) -> Vec<(u32, VadEvent)> {
-    let mut v = Vad::new(cfg);
+    let mut v = new_vad(cfg);
     let n = (clip.rate / 50) as usize;
     let mut out = Vec::new();
     let mut t = 0u64;
@@ -154,7 +199,11 @@ fn main() {
         });
     }
     let cfg = VadConfig::default();
-    println!("VAD tuning: earshot {} ms frames, defaults {cfg:?}", FRAME_MS);
+    println!(
+        "VAD tuning: {} scores {} ms frames, defaults {cfg:?}",
+        if silero().is_some() { "Silero VAD" } else { "earshot" },
+        FRAME_MS
+    );
     println!();
 
     // 1. Pauses inside speech, per threshold and energy floor.
@@ -171,12 +220,13 @@ fn main() {
         for thr in [0.3f32, 0.4, 0.5, 0.6] {
             let c = VadConfig {
                 speech_threshold: thr,
+                silero_threshold: thr,
                 energy_floor_dbfs: floor,
                 ..cfg.clone()
             };
             let (mut words, mut phrases, mut ends, mut espeak, mut tails) = (vec![], vec![], vec![], vec![], vec![]);
             for (clip, sc) in clips.iter().zip(&all_scores) {
-                let mut v = Vad::new(&c);
+                let mut v = new_vad(&c);
                 let voiced: Vec<bool> = sc.iter().map(|f| v.frame_is_speech(*f)).collect();
                 if !clip.human {
                     espeak.extend(pauses(&voiced).into_iter().map(|p| p.1));
@@ -216,7 +266,7 @@ fn main() {
     println!();
     println!("== every pause >= 100 ms at the defaults (start s:ms) ==");
     for (clip, sc) in clips.iter().zip(&all_scores) {
-        let mut v = Vad::new(&cfg);
+        let mut v = new_vad(&cfg);
         let voiced: Vec<bool> = sc.iter().map(|f| v.frame_is_speech(*f)).collect();
         let p: Vec<String> = pauses(&voiced)
             .into_iter()
@@ -258,12 +308,12 @@ fn main() {
         let mut sp: Vec<f32> = all_scores
             .iter()
             .flatten()
-            .filter(|f| f.score >= cfg.speech_threshold && f.dbfs >= cfg.energy_floor_dbfs)
+            .filter(|f| f.score >= threshold(&cfg) && f.dbfs >= cfg.energy_floor_dbfs)
             .map(|f| f.voicing)
             .collect();
         sp.sort_by(f32::total_cmp);
         println!(
-            "white noise at -24 dBFS: earshot score p50={:.2} max={:.2}; periodicity p50={:.2} max={:.2}; periodicity of voice frames in speech p25={:.2} p50={:.2}",
+            "white noise at -24 dBFS: speech score p50={:.2} max={:.2}; periodicity p50={:.2} max={:.2}; periodicity of voice frames in speech p25={:.2} p50={:.2}",
             s[s.len() / 2],
             s[s.len() - 1],
             p[p.len() / 2],
@@ -343,7 +393,7 @@ fn main() {
     for (clip, sc) in clips.iter().zip(&all_scores) {
         let mut db: Vec<i32> = sc
             .iter()
-            .filter(|f| f.score >= cfg.speech_threshold)
+            .filter(|f| f.score >= threshold(&cfg))
             .map(|f| f.dbfs.round() as i32)
             .collect();
         db.sort_unstable();
@@ -369,7 +419,7 @@ fn main() {
         let clip = clips.iter().find(|c| c.human).or(clips.first()).expect("some audio");
         let audio = resample_all(&clip.samples, clip.rate, rate).unwrap();
         let n = (rate / 50) as usize;
-        let mut v = Vad::new(&cfg);
+        let mut v = new_vad(&cfg);
         let mut frames = 0u64;
         let t0 = Instant::now();
         for _ in 0..3 {

@@ -15,6 +15,8 @@ for c in ../shared/audiosocket/*.bin; do
   [ -f "$c" ] && head -c 4096 "$c" > "fuzz/corpus/frame/$(basename "$c")"
 done
 printf 'agi_network: yes\nagi_network_script: call-start\nagi_callerid: 100\nagi_calleridname: Alice\nagi_arg_1: 3f2504e0-4f89-11d3-9a0c-0305e82c3301\n\n' > fuzz/corpus/agi/call-start
+# Built first, in full view: a build error must not hide behind the run's `tail` below.
+cargo +nightly fuzz build --fuzz-dir fuzz
 for t in frame agi; do
   echo "== fuzzing $t for ${SECS}s"
   cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=2048 2>&1 | tail -n 15

@@ -28,7 +28,7 @@
 //! - The dialplan continues with the next priority when the server closes the socket.
 //!
 //! One task per session; a bad session (no blank line within [`HEADER_TIMEOUT`], a line over
-//! [`MAX_LINE`] bytes, non-UTF-8, garbage) is logged and closed without touching the others.
+//! [`MAX_DISCARD`] bytes, non-UTF-8, garbage) is logged and closed without touching the others.
 
 use crate::directory::{CallDirectory, CallerInfo, Decision};
 use crate::logsafe;
@@ -53,8 +53,12 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest time to wait for Asterisk's answer to one command.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest line accepted from Asterisk, in bytes (its own buffers are 2 KiB).
+/// Longest part of a line kept from Asterisk, in bytes (its command buffer is 2 KiB; the
+/// variable block's values have no fixed limit): the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 8 * 1024;
+
+/// Longest line read at all, in bytes: a session sending a longer one is closed.
+pub const MAX_DISCARD: usize = 64 * 1024;
 
 /// Sessions open at once by default (`[agi] max_sessions`).
 pub const DEFAULT_MAX_SESSIONS: usize = 64;
@@ -278,8 +282,15 @@ impl From<anyhow::Error> for SessionEnd {
     }
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes, without its `\n` / `\r\n`. `Ok(None)` at a
-/// clean EOF before any byte.
+/// Reads one line, without its `\n` / `\r\n`, keeping at most [`MAX_LINE`] bytes of it: the
+/// rest of a longer line (a caller name set by a SIP peer can be any length; Asterisk's
+/// `setup_env` formats values into a growing `ast_str`) is read and dropped, up to
+/// [`MAX_DISCARD`] bytes in all, and a warning is logged. A line cut inside a UTF-8 character
+/// keeps the valid prefix. `Ok(None)` at a clean EOF before any byte.
+///
+/// # Errors
+/// A line over [`MAX_DISCARD`] bytes, an EOF inside a line, a read error, or a line (within its
+/// first [`MAX_LINE`] bytes) that is not UTF-8.
 async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<String>> {
     let mut buf = Vec::new();
     let n = (&mut *reader)
@@ -290,22 +301,51 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Str
     if n == 0 {
         return Ok(None);
     }
+    let mut cut = false;
     if buf.last() == Some(&b'\n') {
         buf.pop();
     } else if buf.len() > MAX_LINE {
-        bail!("line longer than {MAX_LINE} bytes");
+        // Drop the rest of the line, a bounded amount at a time.
+        let mut rest = Vec::new();
+        let mut total = buf.len();
+        loop {
+            rest.clear();
+            let got = (&mut *reader)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut rest)
+                .await
+                .context("read failed")?;
+            if got == 0 {
+                bail!("connection closed in the middle of a line");
+            }
+            total += got;
+            if total > MAX_DISCARD {
+                bail!("line longer than {MAX_DISCARD} bytes");
+            }
+            if rest.last() == Some(&b'\n') {
+                break;
+            }
+        }
+        buf.truncate(MAX_LINE);
+        warn!(bytes = total - 1, "AGI line longer than {MAX_LINE} bytes: the rest is dropped");
+        cut = true;
     } else {
         bail!("connection closed in the middle of a line");
     }
     if buf.last() == Some(&b'\r') {
         buf.pop();
     }
-    if buf.len() > MAX_LINE {
-        bail!("line longer than {MAX_LINE} bytes");
+    match String::from_utf8(buf) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if cut && e.utf8_error().error_len().is_none() => {
+            // Cut inside a multi-byte character: keep what comes before it.
+            let valid = e.utf8_error().valid_up_to();
+            let mut bytes = e.into_bytes();
+            bytes.truncate(valid);
+            Ok(Some(String::from_utf8(bytes).expect("a valid prefix")))
+        }
+        Err(e) => Err(anyhow!("line is not UTF-8 (byte {})", e.utf8_error().valid_up_to())),
     }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|e| anyhow!("line is not UTF-8 (byte {})", e.utf8_error().valid_up_to()))
 }
 
 /// Parses a whole FastAGI variable block from `bytes`, exactly as a session reads it from its
@@ -756,7 +796,28 @@ mod tests {
         let info = req.caller_info();
         assert_eq!(info.caller_id.as_deref(), Some("100"));
 
-        let mut long = vec![b'a'; MAX_LINE + 10];
+        // A caller name over MAX_LINE: the line is cut, the session goes on, the name is capped.
+        let mut long = b"agi_calleridname: ".to_vec();
+        long.extend(std::iter::repeat_n(b'a', 10 * 1024));
+        long.extend_from_slice(b"\nagi_callerid: 100\n\n");
+        let mut r = BufReader::new(&long[..]);
+        let req = read_request(&mut r).await.unwrap();
+        assert_eq!(req.get("calleridname").map(str::len), Some(MAX_LINE - "agi_calleridname: ".len()));
+        let info = req.caller_info();
+        assert_eq!(info.caller_name.as_deref().map(|n| n.chars().count()), Some(MAX_CALLER_VALUE));
+        assert_eq!(info.caller_id.as_deref(), Some("100"));
+
+        // Cut inside a two-byte character: the valid prefix is kept.
+        let mut long = b"agi_calleridname: x".to_vec();
+        long.extend("\u{e9}".repeat(6 * 1024).as_bytes());
+        long.extend_from_slice(b"\n\n");
+        let mut r = BufReader::new(&long[..]);
+        let req = read_request(&mut r).await.unwrap();
+        let name = req.get("calleridname").unwrap();
+        assert!(name.starts_with("x\u{e9}") && name.len() == MAX_LINE - "agi_calleridname: ".len() - 1);
+
+        // Over MAX_DISCARD: the session is closed.
+        let mut long = vec![b'a'; MAX_DISCARD + 10];
         long.extend_from_slice(b"\n\n");
         let mut r = BufReader::new(&long[..]);
         assert!(matches!(read_request(&mut r).await, Err(SessionEnd::Failed(_))));

@@ -91,8 +91,8 @@ pub async fn wait_for_worker_threads(deadline: Duration) -> bool {
 pub struct ModelPaths {
     /// Vosk model folder.
     pub stt: PathBuf,
-    /// GGUF file.
-    pub llm: PathBuf,
+    /// GGUF file; `None` with `[llm] backend = "openai"`, which needs no local model.
+    pub llm: Option<PathBuf>,
     /// Piper `.onnx` file.
     pub tts: PathBuf,
     /// `libonnxruntime.so.1`.
@@ -121,13 +121,18 @@ impl ModelPaths {
         };
         let paths = ModelPaths {
             stt: pick(&m.stt, crate::models::ModelKind::Stt, "stt")?,
-            llm: pick(&m.llm, crate::models::ModelKind::Llm, "llm")?,
+            llm: match cfg.llm.backend {
+                crate::config::LlmBackendKind::Local => Some(pick(&m.llm, crate::models::ModelKind::Llm, "llm")?),
+                crate::config::LlmBackendKind::Openai => None,
+            },
             tts: pick(&m.tts, crate::models::ModelKind::Tts, "tts")?,
             onnxruntime: crate::models::native::find_onnxruntime(m.onnxruntime.as_deref())?,
             espeak_data: find_espeak_data(m.espeak_data.as_deref())?,
         };
         check_readable(&paths.stt, "Vosk model folder", true)?;
-        check_readable(&paths.llm, "GGUF model", false)?;
+        if let Some(llm) = &paths.llm {
+            check_readable(llm, "GGUF model", false)?;
+        }
         check_readable(&paths.tts, "Piper voice", false)?;
         check_readable(&crate::tts::config_path(&paths.tts), "Piper voice config", false)?;
         Ok(paths)
@@ -221,9 +226,9 @@ impl Engines {
         let (stt, llm, tts) = std::thread::scope(|s| {
             let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
             let llm = s.spawn(|| {
-                timed("llm", || match cfg.llm.backend {
-                    crate::config::LlmBackendKind::Local => LlmEngine::load(&paths.llm, llm_settings),
-                    crate::config::LlmBackendKind::Openai => LlmEngine::openai(&cfg.llm),
+                timed("llm", || match &paths.llm {
+                    Some(gguf) => LlmEngine::load(gguf, llm_settings),
+                    None => LlmEngine::openai(&cfg.llm),
                 })
             });
             let tts = s.spawn(|| {
@@ -238,9 +243,9 @@ impl Engines {
             .with_context(|| format!("loading Vosk model {}", paths.stt.display()))?;
         let llm = llm
             .map_err(|_| anyhow!("llama.cpp panicked while loading"))?
-            .with_context(|| match cfg.llm.backend {
-                crate::config::LlmBackendKind::Local => format!("loading GGUF {}", paths.llm.display()),
-                crate::config::LlmBackendKind::Openai => "connecting to the OpenAI-compatible LLM server".into(),
+            .with_context(|| match &paths.llm {
+                Some(gguf) => format!("loading GGUF {}", gguf.display()),
+                None => "connecting to the OpenAI-compatible LLM server".into(),
             })?;
         let tts = tts
             .map_err(|_| anyhow!("Piper panicked while loading"))?

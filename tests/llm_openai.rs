@@ -158,7 +158,11 @@ fn agent_entries(server: &Server, id: &str) -> Vec<Value> {
 fn a_call_is_answered_through_an_openai_compatible_server() {
     let _g = serial();
     let llama = LlamaServer::start();
-    let server = Server::start(&openai_config(llama.port, ""));
+    // No local GGUF is needed with this backend: a path that does not exist is not looked at.
+    let server = Server::start(&openai_config(
+        llama.port,
+        "[models]\nllm = \"/nonexistent/no-local-model.gguf\"\n",
+    ));
     // Held on the line: on a loaded machine the filler may come first and end the reply wait.
     let r = server.simulate(&[
         "--wav",

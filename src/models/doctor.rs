@@ -189,7 +189,8 @@ fn check_models(m: &Manifest, cfg: &Config, verify: bool, reinstall: &str, check
     for kind in ModelKind::ALL {
         let overridden = match kind {
             ModelKind::Stt => cfg.models.stt.is_some(),
-            ModelKind::Llm => cfg.models.llm.is_some(),
+            // With an OpenAI-compatible server no local GGUF is needed.
+            ModelKind::Llm => cfg.models.llm.is_some() || cfg.llm.backend == crate::config::LlmBackendKind::Openai,
             ModelKind::Tts => cfg.models.tts.is_some(),
             // Needed only when the config uses them (Silero VAD, Smart Turn).
             ModelKind::Vad => cfg.models.vad.is_some() || cfg.vad.engine != crate::config::VadEngine::Silero,

@@ -110,6 +110,28 @@ pub fn agi_session(addr: &str, script: &str, args: &[&str], caller_id: &str, dni
     vars
 }
 
+/// A real Prometheus (Debian package `prometheus`, scripts/deps-admin.sh) scraping `http`'s
+/// `/metrics` every second, keeping its data in `dir`, on a free loopback port. Returns the
+/// process and its port; kill it when done.
+pub fn prometheus_scraping(http: &str, dir: &Path) -> (Child, u16) {
+    let port = free_port();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ava\n    static_configs:\n      - targets: ['{http}']\n"),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (scripts/deps-admin.sh)");
+    (child, port)
+}
+
 /// The config for the installed test models (read from the manifest); `models_extra` goes
 /// into `[models]`, `extra` at the end (TOML).
 pub fn test_config_with(port: u16, dir: &Path, models_extra: &str, extra: &str) -> String {
