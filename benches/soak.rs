@@ -5,7 +5,9 @@
 //! 0 KiB per call. Not a test: it asserts nothing.
 //!
 //! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
-//! shorter run. On a shared machine wrap it in `flock /tmp/ava-bench.lock`.
+//! shorter run; `SOAK_CONFIG` adds TOML to the server's config (e.g. `[llm]` /
+//! `scheduler = "batched"`, to tell what grows). On a shared machine wrap it in
+//! `flock /tmp/ava-bench.lock`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -51,7 +53,11 @@ fn main() {
     let wavs = ["book_appointment.8k.wav", "opening_hours.8k.wav", "confirm_yes.8k.wav"]
         .map(|n| audio(n).display().to_string());
     println!("soak: {minutes} min of calls 2 at a time (test tier), one row per minute");
-    let server = Server::start("");
+    let extra = std::env::var("SOAK_CONFIG").unwrap_or_default();
+    if !extra.is_empty() {
+        println!("config added: {extra:?}");
+    }
+    let server = Server::start(&extra);
     let pid = server.pid();
     std::thread::sleep(Duration::from_millis(500));
     println!(
