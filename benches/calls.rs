@@ -7,7 +7,8 @@
 //! `BENCH_CALLS=1,4,8` (call counts, a fresh server each), `BENCH_WAVS=a.wav,b.wav` (utterances
 //! per call; default book_appointment and opening_hours), `BENCH_SCHEDULERS=batched,per_call`
 //! (issue 10: `[llm] scheduler` values compared in the same run), `BENCH_BARGE_IN=6`.
-//! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
+//! `BENCH_HOLD_MS` (`simulate --hold-ms` for every caller: on a slow machine the callers
+//! otherwise hang up after the filler, before the reply). //! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
 //! Prometheus scraping `/metrics` every second, to see what being watched costs the pacing; needs
 //! scripts/deps-admin.sh; default `none`).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
@@ -153,6 +154,9 @@ fn main() {
         "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB",
         stt_kb / 1024.0
     );
+    // BENCH_HOLD_MS: each simulated caller stays on the line this long after its last
+    // utterance (`simulate --hold-ms`), so a reply slower than the filler is still heard.
+    let hold_ms: Option<String> = std::env::var("BENCH_HOLD_MS").ok();
     let observers: Vec<String> = std::env::var("BENCH_OBSERVERS")
         .unwrap_or_else(|_| "none".into())
         .split(',')
@@ -194,6 +198,9 @@ fn main() {
         let mut args: Vec<&str> = Vec::new();
         for w in &wavs {
             args.extend(["--wav", w.as_str()]);
+        }
+        if let Some(h) = hold_ms.as_deref() {
+            args.extend(["--hold-ms", h]);
         }
         let reports: Vec<Value> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..n).map(|_| s.spawn(|| server.simulate(&args))).collect();
