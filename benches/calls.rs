@@ -294,11 +294,7 @@ fn main() {
             pct(&mut greet, 1.0)
         );
         let late_after = frames_late(&server.http_addr());
-        let late = format!(
-            "{} of {}",
-            late_after.0 - late_before.0,
-            late_after.1 - late_before.1
-        );
+        let late = format!("{} of {}", late_after.0 - late_before.0, late_after.1 - late_before.1);
         println!(
             "agent pacing gaps (at the simulated caller): worst call p99 {:.2} ms, median call p99 {:.2} ms, worst max {:.2} ms; frames written late (server side, ava_frames_late_total): {late}",
             pct(&mut p99, 1.0),

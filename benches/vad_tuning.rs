@@ -16,8 +16,8 @@
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::VadConfig;
-use asterisk_voice_agent::vad::{EndReason, FrameScore, FrameScorer, Vad, VadEvent, FRAME_MS};
 use asterisk_voice_agent::silero::SileroModel;
+use asterisk_voice_agent::vad::{EndReason, FrameScore, FrameScorer, Vad, VadEvent, FRAME_MS};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

@@ -57,7 +57,8 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// variable block's values have no fixed limit): the rest of a longer line is dropped.
 pub const MAX_LINE: usize = 8 * 1024;
 
-/// Longest line read at all, in bytes: a session sending a longer one is closed.
+/// Longest line read at all, in bytes (the most buffered per session): a session sending a
+/// longer one is closed.
 pub const MAX_DISCARD: usize = 64 * 1024;
 
 /// Sessions open at once by default (`[agi] max_sessions`).
@@ -284,9 +285,9 @@ impl From<anyhow::Error> for SessionEnd {
 
 /// Reads one line, without its `\n` / `\r\n`, keeping at most [`MAX_LINE`] bytes of it: the
 /// rest of a longer line (a caller name set by a SIP peer can be any length; Asterisk's
-/// `setup_env` formats values into a growing `ast_str`) is read and dropped, up to
-/// [`MAX_DISCARD`] bytes in all, and a warning is logged. A line cut inside a UTF-8 character
-/// keeps the valid prefix. `Ok(None)` at a clean EOF before any byte.
+/// `setup_env` formats values into a growing `ast_str`) is dropped, with a warning; a line is
+/// read up to [`MAX_DISCARD`] bytes (so at most that much is buffered per session). A line cut
+/// inside a UTF-8 character keeps the valid prefix. `Ok(None)` at a clean EOF before any byte.
 ///
 /// # Errors
 /// A line over [`MAX_DISCARD`] bytes, an EOF inside a line, a read error, or a line (within its
@@ -294,46 +295,29 @@ impl From<anyhow::Error> for SessionEnd {
 async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<String>> {
     let mut buf = Vec::new();
     let n = (&mut *reader)
-        .take(MAX_LINE as u64 + 1)
+        .take(MAX_DISCARD as u64 + 1)
         .read_until(b'\n', &mut buf)
         .await
         .context("read failed")?;
     if n == 0 {
         return Ok(None);
     }
-    let mut cut = false;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    } else if buf.len() > MAX_LINE {
-        // Drop the rest of the line, a bounded amount at a time.
-        let mut rest = Vec::new();
-        let mut total = buf.len();
-        loop {
-            rest.clear();
-            let got = (&mut *reader)
-                .take(MAX_LINE as u64)
-                .read_until(b'\n', &mut rest)
-                .await
-                .context("read failed")?;
-            if got == 0 {
-                bail!("connection closed in the middle of a line");
-            }
-            total += got;
-            if total > MAX_DISCARD {
-                bail!("line longer than {MAX_DISCARD} bytes");
-            }
-            if rest.last() == Some(&b'\n') {
-                break;
-            }
+    if buf.pop() != Some(b'\n') {
+        if n > MAX_DISCARD {
+            bail!("line longer than {MAX_DISCARD} bytes");
         }
-        buf.truncate(MAX_LINE);
-        warn!(bytes = total - 1, "AGI line longer than {MAX_LINE} bytes: the rest is dropped");
-        cut = true;
-    } else {
         bail!("connection closed in the middle of a line");
     }
     if buf.last() == Some(&b'\r') {
         buf.pop();
+    }
+    let cut = buf.len() > MAX_LINE;
+    if cut {
+        warn!(
+            bytes = buf.len(),
+            "AGI line longer than {MAX_LINE} bytes: the rest is dropped"
+        );
+        buf.truncate(MAX_LINE);
     }
     match String::from_utf8(buf) {
         Ok(s) => Ok(Some(s)),
@@ -802,9 +786,15 @@ mod tests {
         long.extend_from_slice(b"\nagi_callerid: 100\n\n");
         let mut r = BufReader::new(&long[..]);
         let req = read_request(&mut r).await.unwrap();
-        assert_eq!(req.get("calleridname").map(str::len), Some(MAX_LINE - "agi_calleridname: ".len()));
+        assert_eq!(
+            req.get("calleridname").map(str::len),
+            Some(MAX_LINE - "agi_calleridname: ".len())
+        );
         let info = req.caller_info();
-        assert_eq!(info.caller_name.as_deref().map(|n| n.chars().count()), Some(MAX_CALLER_VALUE));
+        assert_eq!(
+            info.caller_name.as_deref().map(|n| n.chars().count()),
+            Some(MAX_CALLER_VALUE)
+        );
         assert_eq!(info.caller_id.as_deref(), Some("100"));
 
         // Cut inside a two-byte character: the valid prefix is kept.

@@ -435,11 +435,21 @@ async fn malformed_sessions_are_closed_and_the_server_carries_on() {
     assert_eq!(seen.vars["AVA_UUID"], uuid.to_string());
     // A caller name of 10 KiB (over agi::MAX_LINE) is cut, and the call still starts.
     let uuid = Uuid::new_v4();
-    let header = asterisk_header("call-start", &[&uuid.to_string()])
-        .replace("agi_calleridname: Alice\n", &format!("agi_calleridname: {}\n", "A".repeat(10 * 1024)));
+    let header = asterisk_header("call-start", &[&uuid.to_string()]).replace(
+        "agi_calleridname: Alice\n",
+        &format!("agi_calleridname: {}\n", "A".repeat(10 * 1024)),
+    );
     let seen = session_with(addr, &header, |_| "200 result=1\n".into()).await;
-    assert_eq!(seen.vars["AVA_UUID"], uuid.to_string(), "a long caller name does not fail call-start");
-    let name = srv.directory.info(uuid).and_then(|c| c.caller_name).expect("the caller name is stored");
+    assert_eq!(
+        seen.vars["AVA_UUID"],
+        uuid.to_string(),
+        "a long caller name does not fail call-start"
+    );
+    let name = srv
+        .directory
+        .info(uuid)
+        .and_then(|c| c.caller_name)
+        .expect("the caller name is stored");
     assert_eq!(name.chars().count(), agi::MAX_CALLER_VALUE);
     let took = stalled.await.unwrap();
     assert!(
