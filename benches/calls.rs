@@ -8,9 +8,12 @@
 //! per call; default book_appointment and opening_hours), `BENCH_SCHEDULERS=batched,per_call`
 //! (issue 10: `[llm] scheduler` values compared in the same run), `BENCH_BARGE_IN=6`.
 //! `BENCH_HOLD_MS` (`simulate --hold-ms` for every caller: on a slow machine the callers
-//! otherwise hang up after the filler, before the reply). //! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
+//! otherwise hang up after the filler, before the reply).
+//! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
 //! Prometheus scraping `/metrics` every second, to see what being watched costs the pacing; needs
 //! scripts/deps-admin.sh; default `none`).
+//! `BENCH_TURN=silence,smart` (issue 8: `[turn] mode` values compared in the same run; default
+//! the config's default).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
 //! call, and the Vosk recognizers' own share of it (measured in this process).
 
@@ -162,16 +165,27 @@ fn main() {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
+    let turns: Vec<String> = std::env::var("BENCH_TURN")
+        .map(|s| s.split(',').map(|m| m.trim().to_string()).collect())
+        .unwrap_or_else(|_| {
+            let mode = asterisk_voice_agent::config::TurnConfig::default().mode;
+            vec![format!("{mode:?}").to_lowercase()]
+        });
     let mut summary: Vec<String> = Vec::new();
-    for (n, sched, observer) in counts.iter().flat_map(|&n| {
-        let observers = observers.clone();
-        schedulers
-            .iter()
-            .flat_map(move |s| observers.clone().into_iter().map(move |o| (n, s.clone(), o)))
-    }) {
+    let mut runs: Vec<(usize, String, String, String)> = Vec::new();
+    for &n in &counts {
+        for turn in &turns {
+            for sched in &schedulers {
+                for observer in &observers {
+                    runs.push((n, sched.clone(), observer.clone(), turn.clone()));
+                }
+            }
+        }
+    }
+    for (n, sched, observer, turn) in runs {
         let server = Server::start_with(
             &format!("max_calls = {}", n.max(8)),
-            &format!("\n[llm]\nscheduler = \"{sched}\"\n"),
+            &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{turn}\"\n"),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();
@@ -240,7 +254,7 @@ fn main() {
         );
 
         println!(
-            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, observer: {observer}, {} turns ({missing} without a reply)",
+            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, turn.mode = {turn}, observer: {observer}, {} turns ({missing} without a reply)",
             v2v.len() + missing
         );
         println!(
@@ -252,8 +266,7 @@ fn main() {
         // inference time and the speculative replies, from the logs.
         let mut decided = stage("turn_decided_ms");
         println!(
-            "  end of caller speech -> turn decided (turn_decided_ms, [turn] mode {:?}): p50 {:.0} ms, p95 {:.0} ms",
-            asterisk_voice_agent::config::TurnConfig::default().mode,
+            "  end of caller speech -> turn decided (turn_decided_ms, [turn] mode {turn}): p50 {:.0} ms, p95 {:.0} ms",
             pct(&mut decided, 0.5),
             pct(&mut decided, 0.95)
         );
@@ -272,6 +285,19 @@ fn main() {
             spec("speculative reply committed"),
             spec("speculative reply dropped"),
             agent.iter().filter(|e| e["speculative"] == true).count()
+        );
+        // The reply's own audio (a filler is first agent audio but not the answer): the sum of
+        // the stages of each agent turn that has all three.
+        let mut to_reply: Vec<f64> = agent
+            .iter()
+            .filter_map(|e| {
+                Some(e["turn_decided_ms"].as_f64()? + e["stt_final_ms"].as_f64()? + e["tts_first_audio_ms"].as_f64()?)
+            })
+            .collect();
+        println!(
+            "  end of caller speech -> first reply audio queued (turn decided + STT final + first audio; fillers excluded): p50 {:.0} ms, p95 {:.0} ms",
+            pct(&mut to_reply, 0.5),
+            pct(&mut to_reply, 0.95)
         );
         println!(
             "  Vosk final decode after the endpoint (stt_final_ms): p50 {:.0} ms, p95 {:.0} ms",
@@ -329,7 +355,11 @@ fn main() {
         };
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
         summary.push(format!(
-            "{n} call(s) {sched:>9} {observer:>10}: transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
+            "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
+            pct(&mut v2v, 0.5),
+            pct(&mut v2v, 0.95),
+            pct(&mut to_reply, 0.5),
+            pct(&mut to_reply, 0.95),
             pct(&mut llm, 0.5),
             pct(&mut llm, 0.95),
             pct(&mut tts, 0.5),

@@ -2,7 +2,10 @@
 //! test models for `SOAK_MINUTES` (default 30), printing the server's RSS, threads and open
 //! fds every minute (RSS also as the minute's floor and peak, sampled every 250 ms), and at the
 //! end the slope per call after warm-up (the first minute). RSS should stay flat: a slope near
-//! 0 KiB per call. Not a test: it asserts nothing.
+//! 0 KiB per call. Also glibc malloc's bytes in use (floor of the minute, scraped from
+//! `/metrics` every second) and what its arenas hold from the kernel (last scrape of the
+//! minute), which tell growth from fragmentation. Not a
+//! test: it asserts nothing.
 //!
 //! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
 //! shorter run; `SOAK_CONFIG` adds TOML to the server's config (e.g. `[llm]` /
@@ -22,6 +25,24 @@ fn status(pid: u32, key: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// issue 7: glibc malloc's `(in_use, arenas)` bytes from the server's `/metrics`
+/// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident.
+fn malloc_bytes(http: &str) -> Option<(f64, f64)> {
+    let text = reqwest::blocking::get(format!("http://{http}/metrics"))
+        .ok()?
+        .text()
+        .ok()?;
+    let get = |kind: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(&format!("ava_malloc_bytes{{kind=\"{kind}\"}} "))?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Some((get("in_use")?, get("arenas")?))
 }
 
 fn fds(pid: u32) -> u64 {
@@ -59,6 +80,7 @@ fn main() {
     }
     let server = Server::start(&extra);
     let pid = server.pid();
+    let http = server.http_addr();
     std::thread::sleep(Duration::from_millis(500));
     println!(
         "idle: RSS {} MiB, threads {}, fds {}",
@@ -67,13 +89,14 @@ fn main() {
         fds(pid)
     );
     println!(
-        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8}",
-        "min", "calls", "RSS_MiB", "floor_MiB", "peak_MiB", "threads", "fds", "no_reply"
+        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8} {:>11} {:>10}",
+        "min", "calls", "RSS_MiB", "floor_MiB", "peak_MiB", "threads", "fds", "no_reply", "heap_floor", "arenas"
     );
     let calls = AtomicUsize::new(0);
     let missing = AtomicUsize::new(0);
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     let mut rows: Vec<(f64, f64, f64, f64, f64)> = Vec::new(); // calls, rss KiB, threads, fds, RSS floor KiB
+    let mut heap_rows: Vec<(f64, f64)> = Vec::new(); // calls, malloc in-use floor KiB
     std::thread::scope(|s| {
         for lane in 0..2 {
             let (server, calls, missing, wavs) = (&server, &calls, &missing, &wavs);
@@ -96,10 +119,20 @@ fn main() {
             // buffers) shows a leak far better than one sample taken wherever the calls are.
             let mut floor = u64::MAX;
             let mut peak = 0;
+            // malloc's in-use bytes every second (a scrape walks every arena): its floor too.
+            let (mut heap_floor, mut held) = (f64::INFINITY, f64::NAN);
+            let mut tick = 0u32;
             while Instant::now() < wake {
                 let kb = status(pid, "VmRSS:");
                 floor = floor.min(kb);
                 peak = peak.max(kb);
+                if tick % 4 == 0 {
+                    if let Some((in_use, arenas)) = malloc_bytes(&http) {
+                        heap_floor = heap_floor.min(in_use / 1024.0);
+                        held = arenas / 1024.0;
+                    }
+                }
+                tick += 1;
                 std::thread::sleep(Duration::from_millis(250).min(wake.saturating_duration_since(Instant::now())));
             }
             let row = (
@@ -110,16 +143,19 @@ fn main() {
                 floor as f64,
             );
             println!(
-                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8}",
+                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8} {:>11.1} {:>10.1}",
                 row.0,
                 row.1 / 1024.0,
                 row.4 / 1024.0,
                 peak as f64 / 1024.0,
                 row.2,
                 row.3,
-                missing.load(Ordering::Relaxed)
+                missing.load(Ordering::Relaxed),
+                heap_floor / 1024.0,
+                held / 1024.0
             );
             rows.push(row);
+            heap_rows.push((row.0, heap_floor));
         }
     });
     // After warm-up: the first minute's row is the baseline.
@@ -133,6 +169,10 @@ fn main() {
         per(|r| r.3),
         calls.load(Ordering::Relaxed),
         missing.load(Ordering::Relaxed)
+    );
+    println!(
+        "slope per call after warm-up of malloc's in-use floor (ava_malloc_bytes, bytes still allocated): {:+.2} KiB",
+        slope(&heap_rows.iter().skip(1).copied().collect::<Vec<_>>())
     );
     println!(
         "peak RSS (VmHWM): {} MiB; figures from a shared 2-core machine when run there",

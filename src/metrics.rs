@@ -8,8 +8,8 @@
 use crate::conversation::Speaker;
 use crate::events::{CallEvent, CallEventKind, CallState};
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -29,6 +29,11 @@ pub struct Metrics {
     pub calls_ended: IntCounterVec,
     /// `ava_active_calls`: calls live now (set at each scrape from the live-call table).
     pub active_calls: IntGauge,
+    /// `ava_malloc_bytes{kind}`: glibc's allocator at scrape time (issue 7): `in_use` (bytes
+    /// allocated from its arenas), `free_held` (freed but kept in the arenas, resident or not),
+    /// `arenas` (what the arenas took from the kernel: in_use + free_held), `mmapped` (large
+    /// blocks mapped one by one). With RSS, tells fragmentation from growth.
+    pub malloc_bytes: IntGaugeVec,
     /// `ava_voice_to_voice_seconds`: agent-side voice-to-voice latency of each reply: end of
     /// caller speech -> first reply audio queued for playout (= endpoint wait + STT final +
     /// final text -> first audio); the playout adds at most one 20 ms frame.
@@ -112,6 +117,15 @@ impl Metrics {
         let r = Registry::new();
         let active_calls = IntGauge::new("ava_active_calls", "Calls live now.").expect("valid metric");
         r.register(Box::new(active_calls.clone())).expect("unique metric");
+        let malloc_bytes = IntGaugeVec::new(
+            Opts::new(
+                "ava_malloc_bytes",
+                "glibc malloc at scrape time: in_use (allocated from the arenas), free_held (freed, kept by the arenas), arenas (taken from the kernel by the arenas), mmapped (large blocks).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(malloc_bytes.clone())).expect("unique metric");
         let stage = HistogramVec::new(
             HistogramOpts::new(
                 "ava_stage_seconds",
@@ -126,6 +140,7 @@ impl Metrics {
             calls_started: counter(&r, "ava_calls_started_total", "Calls started (id frame received)."),
             calls_ended: counter_vec(&r, "ava_calls_ended_total", "Calls ended, by end reason.", &["reason"]),
             active_calls,
+            malloc_bytes,
             voice_to_voice: histogram(
                 &r,
                 "ava_voice_to_voice_seconds",
@@ -220,11 +235,51 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
 pub fn render(active_calls: usize) -> String {
     METRICS.active_calls.set(active_calls as i64);
+    if let Some(st) = malloc_stats() {
+        let m = &METRICS.malloc_bytes;
+        m.with_label_values(&["in_use"]).set(st.in_use as i64);
+        m.with_label_values(&["free_held"]).set(st.free_held as i64);
+        m.with_label_values(&["arenas"]).set(st.arenas as i64);
+        m.with_label_values(&["mmapped"]).set(st.mmapped as i64);
+    }
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&METRICS.registry.gather(), &mut out)
         .expect("text encoding never fails");
     String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// glibc malloc's totals over all arenas, bytes (`mallinfo2()`, glibc >= 2.33).
+#[derive(Debug, Clone, Copy)]
+pub struct MallocStats {
+    /// Allocated from the arenas and not freed (`uordblks`).
+    pub in_use: usize,
+    /// Freed but kept by the arenas (`fordblks`), resident or not.
+    pub free_held: usize,
+    /// Taken from the kernel by the arenas (`arena`: in_use + free_held).
+    pub arenas: usize,
+    /// Large blocks mapped one by one (`hblkhd`).
+    pub mmapped: usize,
+}
+
+/// glibc's `mallinfo2()` over all arenas. Walks every arena under its lock: for a scrape, not
+/// the audio path. `None` on other C libraries.
+pub fn malloc_stats() -> Option<MallocStats> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 reads the allocator's statistics under its own locks.
+        let mi = unsafe { libc::mallinfo2() };
+        Some(MallocStats {
+            in_use: mi.uordblks,
+            free_held: mi.fordblks,
+            arenas: mi.arena,
+            mmapped: mi.hblkhd,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
 }
 
 /// A caller speech onset paused the agent: `confirmed` true when it became a barge-in that
@@ -483,8 +538,26 @@ mod tests {
             "ava_stage_seconds_bucket{stage=\"llm_first_token\"",
             "ava_agi_sessions_total{result=\"failed\",script=\"unknown\"}",
             "ava_active_calls 0",
+            "ava_malloc_bytes{kind=\"in_use\"}",
+            "ava_malloc_bytes{kind=\"free_held\"}",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn malloc_stats_see_a_block_being_held() {
+        // 64 MiB, above glibc's largest mmap threshold: counted as mmapped while alive.
+        let before = malloc_stats().expect("glibc").mmapped;
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
+        let st = malloc_stats().unwrap();
+        assert!(st.in_use > 0 && st.arenas >= st.in_use);
+        let during = st.mmapped;
+        // Other tests run alongside and may free blocks of their own meanwhile: some slack.
+        assert!(
+            during >= before + (48 << 20),
+            "mmapped {before} -> {during} with a 64 MiB block alive"
+        );
+        drop(std::hint::black_box(block));
     }
 }
