@@ -71,6 +71,47 @@ fn threads_override() -> Option<i32> {
     std::env::var("BENCH_LLM_THREADS").ok()?.parse().ok()
 }
 
+/// The settings `serve` would use for `scheduler` (threads: the cores for the shared context,
+/// the tier's 2 for a per-call one; `BENCH_LLM_THREADS` overrides), with `sequences` KV sequences.
+fn settings(scheduler: LlmScheduler, sequences: u32) -> LlmSettings {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    LlmSettings {
+        threads: threads_override().unwrap_or(if scheduler == LlmScheduler::Batched {
+            cores as i32
+        } else {
+            2
+        }),
+        context: 2048,
+        temperature: 0.0,
+        seed: 42,
+        scheduler,
+        sequences,
+    }
+}
+
+/// `batched` or `per_call`.
+fn parse_scheduler(name: &str) -> LlmScheduler {
+    match name {
+        "batched" => LlmScheduler::Batched,
+        "per_call" => LlmScheduler::PerCall,
+        other => panic!("BENCH_SCHEDULERS: unknown scheduler {other:?}"),
+    }
+}
+
+/// The agent's system prompt and greeting: what a call warms before the caller speaks.
+fn base_prompt(agent: &AgentConfig) -> Vec<Message> {
+    vec![
+        Message {
+            role: Role::System,
+            text: agent.system_prompt.clone(),
+        },
+        Message {
+            role: Role::Assistant,
+            text: agent.greeting.clone(),
+        },
+    ]
+}
+
 fn list(var: &str, default: &str) -> Vec<String> {
     std::env::var(var)
         .unwrap_or_else(|_| default.into())
@@ -104,32 +145,11 @@ fn reply(session: &LlmSession, messages: Vec<Message>, max_tokens: u32) -> (f64,
 
 /// issue 7: `churn` sessions, two at a time, on one engine; RSS every 20 and the slope.
 fn churn(sched: &str, scheduler: LlmScheduler, churn: usize) {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let agent = AgentConfig::default();
-    let settings = LlmSettings {
-        threads: threads_override().unwrap_or(if scheduler == LlmScheduler::Batched {
-            cores as i32
-        } else {
-            2
-        }),
-        context: 2048,
-        temperature: 0.0,
-        seed: 42,
-        scheduler,
-        sequences: 4,
-    };
-    let engine = Arc::new(LlmEngine::load(&model_path(), settings).expect("test LLM (scripts/install-models.sh)"));
+    let engine =
+        Arc::new(LlmEngine::load(&model_path(), settings(scheduler, 4)).expect("test LLM (scripts/install-models.sh)"));
     println!("\n== churn, {sched}: sessions, RSS MiB (threads)");
-    let base = vec![
-        Message {
-            role: Role::System,
-            text: agent.system_prompt.clone(),
-        },
-        Message {
-            role: Role::Assistant,
-            text: agent.greeting.clone(),
-        },
-    ];
+    let base = base_prompt(&agent);
     let mut points = Vec::new();
     for i in (0..churn).step_by(2) {
         std::thread::scope(|sc| {
@@ -188,12 +208,7 @@ fn main() {
     passive_openmp();
     if let Some(n) = std::env::var("BENCH_CHURN").ok().and_then(|n| n.parse().ok()) {
         for sched in list("BENCH_SCHEDULERS", "batched,per_call") {
-            let scheduler = if sched == "batched" {
-                LlmScheduler::Batched
-            } else {
-                LlmScheduler::PerCall
-            };
-            churn(&sched, scheduler, n);
+            churn(&sched, parse_scheduler(&sched), n);
         }
         return;
     }
@@ -212,43 +227,19 @@ fn main() {
     let mut summary = Vec::new();
     for &n in &counts {
         for sched in &schedulers {
-            let scheduler = match sched.as_str() {
-                "batched" => LlmScheduler::Batched,
-                "per_call" => LlmScheduler::PerCall,
-                other => panic!("BENCH_SCHEDULERS: unknown scheduler {other:?}"),
-            };
+            let scheduler = parse_scheduler(sched);
             let before = status_kib("VmRSS:");
-            let settings = LlmSettings {
-                // As `serve` sets them: the shared context on every core, a per-call one the tier's 2.
-                threads: threads_override().unwrap_or(if scheduler == LlmScheduler::Batched {
-                    cores.max(1) as i32
-                } else {
-                    2
-                }),
-                context: 2048,
-                temperature: 0.0,
-                seed: 42,
-                scheduler,
-                sequences: n.max(8) as u32,
-            };
-            let engine =
-                Arc::new(LlmEngine::load(&model_path(), settings).expect("test LLM (scripts/install-models.sh)"));
+            let engine = Arc::new(
+                LlmEngine::load(&model_path(), settings(scheduler, n.max(8) as u32))
+                    .expect("test LLM (scripts/install-models.sh)"),
+            );
             std::thread::sleep(Duration::from_millis(300));
             let idle = status_kib("VmRSS:");
             reset_peak();
             let sessions: Vec<LlmSession> = (0..n)
                 .map(|i| LlmSession::start(engine.clone(), &format!("bench-{i:04}")).unwrap())
                 .collect();
-            let base = vec![
-                Message {
-                    role: Role::System,
-                    text: agent.system_prompt.clone(),
-                },
-                Message {
-                    role: Role::Assistant,
-                    text: agent.greeting.clone(),
-                },
-            ];
+            let base = base_prompt(&agent);
             for s in &sessions {
                 s.warm(base.clone());
             }
