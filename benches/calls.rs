@@ -12,8 +12,8 @@
 //! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
 //! Prometheus scraping `/metrics` every second, to see what being watched costs the pacing; needs
 //! scripts/deps-admin.sh; default `none`).
-//! `BENCH_TURN=silence,smart` (issue 8: `[turn] mode` values compared in the same run; default
-//! the config's default).
+//! `BENCH_TURN=silence,smart,smart+spec` (issue 8: `[turn] mode` values compared in the same
+//! run, `+spec` with `turn.speculative = true`; default the config's default).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
 //! call, and the Vosk recognizers' own share of it (measured in this process).
 
@@ -183,9 +183,16 @@ fn main() {
         }
     }
     for (n, sched, observer, turn) in runs {
+        let (mode, speculative) = match turn.split_once('+') {
+            Some((mode, "spec")) => (mode, true),
+            Some((_, other)) => panic!("BENCH_TURN: unknown suffix +{other} (+spec)"),
+            None => (turn.as_str(), false),
+        };
         let server = Server::start_with(
             &format!("max_calls = {}", n.max(8)),
-            &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{turn}\"\n"),
+            &format!(
+                "\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n"
+            ),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();

@@ -327,6 +327,32 @@ const CONFIRM_MAX_SILENCE_MS: u32 = 60;
 /// Unbound DTMF digits kept for one keypad utterance; more are dropped (with a warning).
 const MAX_KEYPAD_DIGITS: usize = 32;
 
+/// `[test_faults] stt_final_delay_ms`: hands each final transcript on `delay_ms` after the
+/// previous one was handed on or it arrived, whichever is later, in order (an STT that has
+/// fallen behind the caller, as the test tier's does at 4 calls on 2 cores). 0: `rx` itself.
+fn delay_finals(
+    mut rx: mpsc::UnboundedReceiver<SttResult>,
+    delay_ms: u64,
+) -> mpsc::UnboundedReceiver<SttResult> {
+    if delay_ms == 0 {
+        return rx;
+    }
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            if tx.send(r).is_err() {
+                break;
+            }
+        }
+    });
+    out
+}
+
+/// Ended utterances whose final transcript is awaited, at most (their end-of-turn figures are
+/// kept for the conversation log; more than this only if STT has stopped answering).
+const MAX_PENDING_DECIDED: usize = 16;
+
 /// Milliseconds without another key before unbound DTMF digits go to the conversation.
 const DTMF_FLUSH_MS: u64 = 1500;
 
@@ -383,8 +409,12 @@ struct Call {
     /// The caller's current utterance (at the call rate), at most the last 8 s, for the turn
     /// model.
     utterance: VecDeque<i16>,
-    /// Silence (ms) after the caller's last voiced frame when the turn was decided.
-    decided_silence_ms: Option<u64>,
+    /// For each utterance sent to STT whose final transcript has not arrived yet, oldest
+    /// first: the silence (ms) after the caller's last voiced frame when its turn was decided.
+    /// Finals arrive in utterance order, so each final takes the front one; under load a
+    /// caller can end a second utterance before the first one's final (issue 8: a single slot
+    /// here lost the figure at 4 calls). At most [`MAX_PENDING_DECIDED`] entries.
+    decided_silence_ms: VecDeque<u64>,
     /// Speculative replies dropped in this call.
     speculative_dropped: u32,
 }
@@ -423,7 +453,7 @@ impl Call {
             turn_tx,
             turn_rx,
             utterance: VecDeque::new(),
-            decided_silence_ms: None,
+            decided_silence_ms: VecDeque::new(),
             speculative_dropped: 0,
             stt,
             stt_rx,
@@ -787,7 +817,7 @@ impl Call {
         match self.shared.engines.stt.start_stream(&self.id, rate.hz()) {
             Ok((stt, rx)) => {
                 self.stt = stt;
-                self.stt_rx = rx;
+                self.stt_rx = delay_finals(rx, self.shared.cfg.test_faults.stt_final_delay_ms);
             }
             Err(e) => return Err(CallEnd::Error(format!("cannot start STT at {} Hz: {e:#}", rate.hz()))),
         }
@@ -827,7 +857,10 @@ impl Call {
                 }
             }
             VadEvent::SpeechStart { onset_ms } => self.on_speech_start(samples, onset_ms),
-            VadEvent::SpeechEnd(reason) => self.on_speech_end(samples, reason),
+            VadEvent::SpeechEnd(reason) => {
+                let decided_ms = self.vad_end_silence_ms();
+                self.on_speech_end(samples, reason, decided_ms)
+            }
         }
     }
 
@@ -868,7 +901,9 @@ impl Call {
         }
     }
 
-    fn on_speech_end(&mut self, samples: Vec<i16>, reason: crate::vad::EndReason) {
+    /// The caller's utterance ended, `decided_ms` of silence after its last voiced frame (the
+    /// VAD's timer or the turn model's verdict).
+    fn on_speech_end(&mut self, samples: Vec<i16>, reason: crate::vad::EndReason, decided_ms: u32) {
         self.last_activity = Instant::now();
         if std::mem::take(&mut self.ignoring_utterance) {
             self.stt.discard();
@@ -895,10 +930,11 @@ impl Call {
             return;
         }
         debug!(?reason, "speech ended");
-        if self.decided_silence_ms.is_none() {
-            // The VAD's own timer ended the turn.
-            self.decided_silence_ms = Some(self.vad_end_silence_ms() as u64);
+        if self.decided_silence_ms.len() >= MAX_PENDING_DECIDED {
+            // Only if STT never answers (no recognizer): keep the newest.
+            self.decided_silence_ms.pop_front();
         }
+        self.decided_silence_ms.push_back(decided_ms as u64);
         self.turn_event(turn::Event::VadEnd);
         self.utterance.clear();
         self.stt.audio(samples);
@@ -1057,12 +1093,19 @@ impl Call {
         } else {
             self.policy.on(turn::Event::Final { text: text.clone() })
         };
+        // A keypad utterance has no end of turn; every other final answers the oldest ended
+        // utterance.
+        let decided = if text.starts_with("[keypad]") {
+            None
+        } else {
+            self.decided_silence_ms.pop_front()
+        };
         for action in actions {
             match action {
-                turn::Action::StartReply { text } => self.start_reply(text, result.finish_ms),
+                turn::Action::StartReply { text } => self.start_reply(text, result.finish_ms, decided),
                 turn::Action::CommitSpeculative => {
-                    if !self.commit_speculative(&text, result.finish_ms) {
-                        self.start_reply(text.clone(), result.finish_ms);
+                    if !self.commit_speculative(&text, result.finish_ms, decided) {
+                        self.start_reply(text.clone(), result.finish_ms, decided);
                     }
                 }
                 other => self.apply_turn(other),
@@ -1071,7 +1114,9 @@ impl Call {
     }
 
     /// Starts the reply to the caller's final text (or asks again when it is empty).
-    fn start_reply(&mut self, text: String, stt_final_ms: u64) {
+    /// `turn_decided_ms`: silence (ms) after the utterance's last voiced frame when its turn
+    /// was decided (None for keypad input).
+    fn start_reply(&mut self, text: String, stt_final_ms: u64, turn_decided_ms: Option<u64>) {
         if text.is_empty() {
             // Nothing usable: ask again, and listen again.
             self.filler_due = None;
@@ -1092,7 +1137,7 @@ impl Call {
         let messages = self.history.clone();
         let timings = TurnTimings {
             stt_final_ms,
-            turn_decided_ms: self.decided_silence_ms.take(),
+            turn_decided_ms,
             ..Default::default()
         };
         self.spawn_reply(messages, timings, None);

@@ -112,8 +112,7 @@ impl Call {
                 let silence_ms = self.vad.trailing_silence_ms();
                 if self.vad.end_now() {
                     info!(silence_ms, "end of turn: the turn model says the caller has finished");
-                    self.decided_silence_ms = Some(silence_ms as u64);
-                    self.on_speech_end(Vec::new(), crate::vad::EndReason::Endpoint);
+                    self.on_speech_end(Vec::new(), crate::vad::EndReason::Endpoint, silence_ms);
                 }
             }
             // The VAD's own endpoint: `on_speech_end` is already handling it.
@@ -162,10 +161,9 @@ impl Call {
     }
 
     /// Plays the speculative reply if it answers exactly `text`; false when there is none.
-    pub(super) fn commit_speculative(&mut self, text: &str, stt_final_ms: u64) -> bool {
-        let decided = self.decided_silence_ms.take();
+    /// `decided`: as for `start_reply`.
+    pub(super) fn commit_speculative(&mut self, text: &str, stt_final_ms: u64, decided: Option<u64>) -> bool {
         let Some(t) = self.turn.as_mut().filter(|t| t.speculative.as_deref() == Some(text)) else {
-            self.decided_silence_ms = decided;
             self.drop_speculative();
             return false;
         };

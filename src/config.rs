@@ -306,6 +306,9 @@ impl Default for ActionsConfig {
 pub struct FaultsConfig {
     /// STT returns nothing for every utterance.
     pub stt_empty: bool,
+    /// Each final transcript reaches the call this long (ms) after it was ready, in order, as
+    /// from an STT that has fallen behind the caller. Default 0.
+    pub stt_final_delay_ms: u64,
     /// The first N LLM requests of each call fail.
     pub llm_fail_first: u32,
     /// Every LLM request waits this long (ms) before starting.

@@ -204,8 +204,14 @@ async fn health(State(s): State<Arc<AdminState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Rendered on a blocking thread: `render` reads glibc's `mallinfo2()`, which walks every
+/// malloc arena under its lock, and the runtime's workers pace the calls' audio.
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
-    let text = crate::metrics::render(s.events.active_calls());
+    let active = s.events.active_calls();
+    let text = match tokio::task::spawn_blocking(move || crate::metrics::render(active)).await {
+        Ok(text) => text,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

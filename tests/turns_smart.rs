@@ -166,6 +166,40 @@ fn finished_question_is_answered_sooner_than_with_the_timer() {
     );
 }
 
+/// Under load the STT falls behind the caller: a second utterance can end before the first
+/// one's final transcript arrives (the test tier at 4 calls: Vosk's final 4-6 s after the end).
+/// Each reply must still carry its own end-of-turn decision (`turn_decided_ms`). Here every
+/// final is held back 6 s (`[test_faults] stt_final_delay_ms`) and the caller says two
+/// sentences 1.5 s apart, so both have ended before the first final arrives.
+#[test]
+fn each_reply_keeps_its_end_of_turn_decision_when_stt_lags() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (rate, a) = read_wav(&audio("opening_hours.8k.wav"));
+    assert_eq!(rate, 8000);
+    let (_, b) = read_wav(&audio("book_appointment.8k.wav"));
+    let mut both = a.clone();
+    both.extend(std::iter::repeat_n(0i16, 1500 * 8));
+    both.extend_from_slice(&b);
+    let wav = dir.path().join("two_sentences.8k.wav");
+    write_wav(&wav, &both);
+    let server = Server::start("\n[turn]\nmode = \"silence\"\n[test_faults]\nstt_final_delay_ms = 6000\n");
+    let r = server.simulate(&["--wav", wav.to_str().unwrap(), "--reply-end-ms", "8000"]);
+    let call_id = r["call_id"].as_str().unwrap().to_string();
+    server.wait_call_line(&call_id, "call ended", 20);
+    let e = entries(&server, &call_id);
+    let callers = e.iter().filter(|x| x["speaker"] == "caller").count();
+    assert_eq!(callers, 2, "the two sentences were not heard as two utterances: {e:#?}");
+    let replies: Vec<&Value> = e
+        .iter()
+        .filter(|x| x["speaker"] == "agent" && x.get("prompt").is_none() && x.get("stt_final_ms").is_some())
+        .collect();
+    assert!(!replies.is_empty(), "no reply: {e:#?}\n{}", server.log());
+    for reply in replies {
+        assert_eq!(reply["turn_decided_ms"].as_u64(), Some(800), "{reply}");
+    }
+}
+
 fn model_path() -> PathBuf {
     common::models_dir().join("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
