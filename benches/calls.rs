@@ -190,9 +190,7 @@ fn main() {
         };
         let server = Server::start_with(
             &format!("max_calls = {}", n.max(8)),
-            &format!(
-                "\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n"
-            ),
+            &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n"),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();

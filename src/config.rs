@@ -180,7 +180,9 @@ impl Default for BargeInConfig {
 pub struct CallConfig {
     /// Played when a reply is not ready `filler_after_ms` after the endpoint. Default "One moment.".
     pub filler: String,
-    /// Dead-air limit before the filler (ms after the endpoint). Default 1200.
+    /// Dead-air limit before the filler (ms after the endpoint). Default 1200. When the turn
+    /// model ends a turn sooner than `vad.end_silence_ms` of silence, the filler still counts
+    /// from where that timer would have ended it: the reply gets the time saved.
     pub filler_after_ms: u64,
     /// Played when STT heard nothing usable. Default "Sorry, I didn't catch that. Could you say it again?".
     pub not_understood: String,

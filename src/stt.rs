@@ -1,12 +1,13 @@
 //! Speech-to-text with Vosk: one loaded model shared by all calls ([`SttEngine`]) and one
 //! recognizer per call on its own thread ([`SttStream`]), fed the caller's audio as it arrives
-//! and asked for the final text when the VAD declares the end of an utterance.
+//! and asked for the final text when the VAD declares the end of an utterance. Recognizers are
+//! kept for the next call when a call ends ([`RecognizerPool`]).
 
 use crate::audio::StreamResampler;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -18,6 +19,47 @@ pub struct SttEngine {
     pub sample_rate: u32,
     /// The model folder.
     pub path: PathBuf,
+    /// Recognizers of ended calls, reset, for the next calls.
+    pool: Arc<RecognizerPool>,
+}
+
+/// Recognizers kept between calls, at most [`RecognizerPool::MAX`].
+///
+/// A fresh libvosk recognizer is slow on its first utterances with a lookahead model (`Gr.fst`
+/// + `HCLr.fst`, as the small Vosk models and the test tier's Korean one ship): measured with
+/// libvosk 0.3.45 on this project's 2-core machine, a fresh recognizer decoded a 3.9 s utterance
+/// at a real-time factor of 1.8-2.1 with one 20 ms chunk taking ~3 s; the same recognizer,
+/// reset after the utterance, decoded the next ones at 0.2-0.9 (its on-the-fly composition
+/// caches are kept by `vosk_recognizer_reset`). Creating one also costs ~300 ms. So a
+/// recognizer is reset and kept when its call ends, and the next call starts with it. The pool
+/// holds at most as many recognizers as were ever in use at once (bounded by
+/// `server.max_calls`), and at most `MAX`.
+#[derive(Default)]
+pub struct RecognizerPool {
+    idle: Mutex<Vec<vosk::Recognizer>>,
+}
+
+impl RecognizerPool {
+    /// Most recognizers kept idle.
+    pub const MAX: usize = 32;
+
+    fn take(&self) -> Option<vosk::Recognizer> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Resets `rec` (the decoder state; its caches stay) and keeps it, unless `MAX` are kept.
+    fn give_back(&self, mut rec: vosk::Recognizer) {
+        rec.reset();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < Self::MAX {
+            idle.push(rec);
+        }
+    }
+
+    /// Recognizers kept idle now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
 }
 
 impl SttEngine {
@@ -37,6 +79,7 @@ impl SttEngine {
             model: Arc::new(model),
             sample_rate,
             path: path.to_path_buf(),
+            pool: Arc::default(),
         })
     }
 
@@ -50,10 +93,13 @@ impl SttEngine {
         let mut resampler = StreamResampler::new(call_rate_hz, self.sample_rate, 20)?;
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
-        let (model, rate) = (self.model.clone(), self.sample_rate as f32);
+        let (model, rate, pool) = (self.model.clone(), self.sample_rate as f32, self.pool.clone());
         let live = crate::engines::WorkerThread::enter();
         let queued = Arc::new(AtomicUsize::new(0));
         let queued_in_thread = queued.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_in_thread = closed.clone();
+        let id = call_id.to_string();
         std::thread::Builder::new()
             .name(format!("stt-{}", &call_id[..8.min(call_id.len())]))
             .spawn(move || {
@@ -61,14 +107,31 @@ impl SttEngine {
                 crate::engines::lower_thread_priority();
                 // Created here, not on the caller's (async) thread: with a large model this
                 // takes tens of ms, which would stall other calls' audio pacing.
-                let Some(mut rec) = vosk::Recognizer::new(&model, rate) else {
-                    tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
-                    return;
+                let (mut rec, reused) = match pool.take() {
+                    Some(rec) => (rec, true),
+                    None => match vosk::Recognizer::new(&model, rate) {
+                        Some(rec) => (rec, false),
+                        None => {
+                            tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
+                            return;
+                        }
+                    },
                 };
+                tracing::debug!(call_id = %id, reused, "STT recognizer ready");
                 let cost = crate::metrics::AudioCost::new("stt");
                 let mut buf = Vec::with_capacity(640);
                 let mut text = String::new();
                 for cmd in cmd_rx {
+                    if closed_in_thread.load(Ordering::Relaxed) {
+                        // The call has ended: what is still queued (up to MAX_QUEUED_SECONDS
+                        // of audio) would be decoded for nobody, taking CPU from live calls.
+                        tracing::debug!(
+                            call_id = %id,
+                            queued_samples = queued_in_thread.load(Ordering::Relaxed),
+                            "STT stopped: the call ended"
+                        );
+                        break;
+                    }
                     match cmd {
                         Command::Audio(samples) => {
                             queued_in_thread.fetch_sub(samples.len(), Ordering::Relaxed);
@@ -116,10 +179,12 @@ impl SttEngine {
                         }
                     }
                 }
+                pool.give_back(rec);
             })?;
         Ok((
             SttStream {
                 tx: cmd_tx,
+                closed,
                 queued,
                 max_queued: MAX_QUEUED_SECONDS * call_rate_hz as usize,
                 dropping: false,
@@ -153,6 +218,13 @@ enum Command {
     Discard,
 }
 
+impl Drop for SttStream {
+    fn drop(&mut self) {
+        tracing::debug!("STT stream dropped");
+        self.closed.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The final text of one utterance.
 #[derive(Debug, Clone)]
 pub struct SttResult {
@@ -168,9 +240,12 @@ pub struct SttResult {
 /// beyond it new audio is dropped with a warning.
 pub const MAX_QUEUED_SECONDS: usize = 5;
 
-/// One call's recognizer. Dropping it stops its thread.
+/// One call's recognizer. Dropping it stops its thread after the command being decoded,
+/// without decoding what is still queued.
 pub struct SttStream {
     tx: std_mpsc::Sender<Command>,
+    /// Set when the stream is dropped: the thread stops at its next command.
+    closed: Arc<AtomicBool>,
     /// Samples sent to the thread and not yet decoded.
     queued: Arc<AtomicUsize>,
     /// [`MAX_QUEUED_SECONDS`] at the call's rate, in samples.
@@ -188,6 +263,7 @@ impl SttStream {
         (
             SttStream {
                 tx,
+                closed: Arc::new(AtomicBool::new(false)),
                 queued: Arc::new(AtomicUsize::new(0)),
                 max_queued: usize::MAX,
                 dropping: false,

@@ -356,6 +356,95 @@ fn hostile_peers_are_bounded_and_a_good_call_is_answered() {
     println!("end: {end:?} (idle {base:?})");
 }
 
+/// The server's threads whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|c| c.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A call that ends with caller audio still queued for its recognizer stops the recognizer
+/// after the chunk in hand instead of decoding the backlog for nobody. Here 4 callers each send 4.8 s of speech
+/// at once (under stt::MAX_QUEUED_SECONDS) and hang up as soon as their recognizers are built,
+/// with nearly all of it still queued. Found in a soak on a CPU-starved machine: ended calls'
+/// recognizers kept decoding their backlogs, which starved the live calls' recognizers, whose
+/// backlogs grew in turn (16 `stt-` threads for 2 live calls). The next call gets one of the
+/// stopped recognizers from the pool (stt::RecognizerPool).
+#[test]
+fn an_ended_call_does_not_decode_its_stt_backlog() {
+    let _g = serial();
+    let server = Server::start_with_log("", "info,ort=warn,asterisk_voice_agent::stt=debug");
+    let pid = server.pid();
+    let (rate, speech) = read_wav(&audio("book_appointment.8k.wav"));
+    assert_eq!(rate, 8000);
+    // The voiced frames only (all of them reach the recognizer), repeated to 240 (4.8 s).
+    let voiced: Vec<&[i16]> = speech
+        .chunks_exact(160)
+        .filter(|f| asterisk_voice_agent::audio::rms_dbfs(f) > -35.0)
+        .collect();
+    let frames: Vec<u8> = voiced
+        .iter()
+        .cycle()
+        .take(240)
+        .flat_map(|f| audio_frame(0x10, f))
+        .collect();
+    let calls: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = connect(&server.addr);
+            c.write_all(&id_frame(uuid::Uuid::new_v4())).unwrap();
+            c.write_all(&frames).unwrap();
+            c
+        })
+        .collect();
+    wait_until(20, "4 recognizers built", || {
+        server.log().matches("STT recognizer ready").count() >= 4
+    });
+    let t = Instant::now();
+    for c in &calls {
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    for mut c in calls {
+        read_until_close(&mut c);
+    }
+    let closed = t.elapsed();
+    let gone = wait_until(60, "recognizer threads gone", || threads_named(pid, "stt-") == 0);
+    println!(
+        "4 calls with 4.8 s of speech queued each: closed {closed:?} after the hangup, recognizer threads gone after {gone:?}"
+    );
+    // Each stops after the chunk it is decoding: with a fresh recognizer on this test model one
+    // 20 ms chunk can take seconds (stt::RecognizerPool); decoding the whole backlog took 17.8 s
+    // here before the fix.
+    let log = server.log();
+    let left: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("STT stopped: the call ended"))
+        .filter_map(|l| {
+            l.split("queued_samples=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    println!("audio left undecoded (samples): {left:?}");
+    assert_eq!(left.len(), 4, "not every recognizer stopped at the hangup:\n{log}");
+    assert!(left.iter().all(|&n| n > 8000), "{left:?}");
+    // And the server still answers, with a recognizer kept from those calls (reset).
+    good_call(&server);
+    let log = server.log();
+    let last_ready = log
+        .lines()
+        .filter(|l| l.contains("STT recognizer ready"))
+        .last()
+        .unwrap();
+    assert!(last_ready.contains("reused=true"), "{last_ready}");
+}
+
 /// A caller that stops reading: its call ends within `write_timeout_ms` (plus the socket
 /// buffers), its slot is freed, and a good call is answered.
 #[test]
