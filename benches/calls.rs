@@ -12,6 +12,11 @@
 //! `BENCH_OBSERVERS=none,prometheus` (issue 9: each configuration run again with a real
 //! Prometheus scraping `/metrics` every second, to see what being watched costs the pacing; needs
 //! scripts/deps-admin.sh; default `none`).
+//! `BENCH_WARMUP=1` (default): before the measured round, the same number of calls say one
+//! utterance each, so the measured calls get warmed recognizers from the pool, as on a server
+//! that has taken calls before (stt::RecognizerPool); `startup`: no such round, but the
+//! measured round waits for the recognizers warmed at start-up (`server.warm_recognizers`);
+//! `0`: the measured calls start as soon as the server is ready.
 //! `BENCH_TURN=silence,smart,smart+spec` (issue 8: `[turn] mode` values compared in the same
 //! run, `+spec` with `turn.speculative = true`; default the config's default).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
@@ -23,16 +28,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::process::Command;
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[(((v.len() as f64) * p).ceil() as usize)
-        .saturating_sub(1)
-        .min(v.len() - 1)]
-}
 
 fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -111,14 +106,8 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
 /// `ava_frames_late_total` and `ava_frames_written_total` (agent frames written more than 10 ms
 /// after their tick, and all of them) from the server's `/metrics`; 0 when unreadable.
 fn frames_late(http: &str) -> (u64, u64) {
-    let text = reqwest::blocking::get(format!("http://{http}/metrics"))
-        .and_then(|r| r.text())
-        .unwrap_or_default();
-    let get = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64
-    };
+    let m = scrape_metrics(http);
+    let get = |name: &str| m.get(name).copied().unwrap_or(0.0) as u64;
     (get("ava_frames_late_total"), get("ava_frames_written_total"))
 }
 
@@ -160,6 +149,12 @@ fn main() {
     // BENCH_HOLD_MS: each simulated caller stays on the line this long after its last
     // utterance (`simulate --hold-ms`), so a reply slower than the filler is still heard.
     let hold_ms: Option<String> = std::env::var("BENCH_HOLD_MS").ok();
+    let warmup_mode = std::env::var("BENCH_WARMUP").unwrap_or_else(|_| "1".into());
+    assert!(
+        ["0", "1", "startup"].contains(&warmup_mode.as_str()),
+        "BENCH_WARMUP: 0, 1 or startup"
+    );
+    let warmup = warmup_mode == "1";
     let observers: Vec<String> = std::env::var("BENCH_OBSERVERS")
         .unwrap_or_else(|_| "none".into())
         .split(',')
@@ -189,7 +184,8 @@ fn main() {
             None => (turn.as_str(), false),
         };
         let server = Server::start_with(
-            &format!("max_calls = {}", n.max(8)),
+            // The start-up STT warm-up at its default (the test harness turns it off).
+            &format!("max_calls = {}\nwarm_recognizers = 2", n.max(8)),
             &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n"),
         );
         let pid = server.pid();
@@ -203,6 +199,25 @@ fn main() {
             }
             other => panic!("BENCH_OBSERVERS: unknown observer {other:?} (none | prometheus)"),
         };
+        if warmup_mode == "startup" {
+            let want = asterisk_voice_agent::config::ServerConfig::default()
+                .warm_recognizers
+                .min(n.max(8));
+            let t = std::time::Instant::now();
+            while server.log().matches("STT recognizer warmed").count() < want {
+                assert!(t.elapsed().as_secs() < 120, "recognizers not warmed in 120 s");
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        if warmup {
+            let first = ["--wav", wavs[0].as_str()];
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..n).map(|_| s.spawn(|| server.simulate(&first))).collect();
+                hs.into_iter().for_each(|h| drop(h.join().unwrap()));
+            });
+        }
+        // What the measured round logs starts here.
+        let log_from = server.log().len();
         let late_before = frames_late(&server.http_addr());
         let startup = server
             .log()
@@ -246,7 +261,12 @@ fn main() {
             p99.push(r["pacing"]["p99_gap_ms"].as_f64().unwrap_or(f64::NAN));
             maxgap.push(r["pacing"]["max_gap_ms"].as_f64().unwrap_or(f64::NAN));
         }
-        let conv = server.conversation();
+        let measured: Vec<&str> = reports.iter().filter_map(|r| r["call_id"].as_str()).collect();
+        let conv: Vec<Value> = server
+            .conversation()
+            .into_iter()
+            .filter(|e| e["call_id"].as_str().is_some_and(|id| measured.contains(&id)))
+            .collect();
         let agent: Vec<&Value> = conv
             .iter()
             .filter(|e| e["speaker"] == "agent" && !e["interrupted"].as_bool().unwrap_or(false))
@@ -259,23 +279,23 @@ fn main() {
         );
 
         println!(
-            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, turn.mode = {turn}, observer: {observer}, {} turns ({missing} without a reply)",
+            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, turn.mode = {turn}, observer: {observer}, BENCH_WARMUP={warmup_mode}, {} turns ({missing} without a reply)",
             v2v.len() + missing
         );
         println!(
             "voice-to-voice (end of caller speech -> first agent audio): p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut v2v, 0.5),
-            pct(&mut v2v, 0.95)
+            percentile(&mut v2v, 0.5),
+            percentile(&mut v2v, 0.95)
         );
         // issue 8: end of speech -> turn decided (Smart Turn or the timer), the turn model's
         // inference time and the speculative replies, from the logs.
         let mut decided = stage("turn_decided_ms");
         println!(
             "  end of caller speech -> turn decided (turn_decided_ms, [turn] mode {turn}): p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut decided, 0.5),
-            pct(&mut decided, 0.95)
+            percentile(&mut decided, 0.5),
+            percentile(&mut decided, 0.95)
         );
-        let log = server.log();
+        let log = server.log()[log_from..].to_string();
         let mut infer: Vec<f64> = log
             .lines()
             .filter(|l| l.contains("turn model verdict"))
@@ -285,8 +305,8 @@ fn main() {
         println!(
             "  Smart Turn: {} inferences, p50 {:.0} ms, p95 {:.0} ms; speculative replies committed {}, dropped {}; replies prepared in the pause {}",
             infer.len(),
-            pct(&mut infer, 0.5),
-            pct(&mut infer, 0.95),
+            percentile(&mut infer, 0.5),
+            percentile(&mut infer, 0.95),
             spec("speculative reply committed"),
             spec("speculative reply dropped"),
             agent.iter().filter(|e| e["speculative"] == true).count()
@@ -301,41 +321,41 @@ fn main() {
             .collect();
         println!(
             "  end of caller speech -> first reply audio queued (turn decided + STT final + first audio; fillers excluded): p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut to_reply, 0.5),
-            pct(&mut to_reply, 0.95)
+            percentile(&mut to_reply, 0.5),
+            percentile(&mut to_reply, 0.95)
         );
         println!(
             "  Vosk final decode after the endpoint (stt_final_ms): p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut stt, 0.5),
-            pct(&mut stt, 0.95)
+            percentile(&mut stt, 0.5),
+            percentile(&mut stt, 0.95)
         );
         println!(
             "  final transcript -> LLM first token: p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut llm, 0.5),
-            pct(&mut llm, 0.95)
+            percentile(&mut llm, 0.5),
+            percentile(&mut llm, 0.95)
         );
         println!(
             "  final transcript -> first agent audio queued: p50 {:.0} ms, p95 {:.0} ms",
-            pct(&mut tts, 0.5),
-            pct(&mut tts, 0.95)
+            percentile(&mut tts, 0.5),
+            percentile(&mut tts, 0.95)
         );
         println!(
             "greeting (id frame -> first agent audio): p50 {:.0} ms, max {:.0} ms",
-            pct(&mut greet, 0.5),
-            pct(&mut greet, 1.0)
+            percentile(&mut greet, 0.5),
+            percentile(&mut greet, 1.0)
         );
         let late_after = frames_late(&server.http_addr());
         let late = format!("{} of {}", late_after.0 - late_before.0, late_after.1 - late_before.1);
         println!(
             "agent pacing gaps (at the simulated caller): worst call p99 {:.2} ms, median call p99 {:.2} ms, worst max {:.2} ms; frames written late (server side, ava_frames_late_total): {late}",
-            pct(&mut p99, 1.0),
-            pct(&mut p99, 0.5),
-            pct(&mut maxgap, 1.0)
+            percentile(&mut p99, 1.0),
+            percentile(&mut p99, 0.5),
+            percentile(&mut maxgap, 1.0)
         );
         let fillers = conv.iter().filter(|e| e["prompt"] == "filler").count();
         println!(
             "dead air: longest wait for the agent after the caller stopped {:.0} ms; fillers played {fillers} (in {} turns)",
-            pct(&mut v2v, 1.0),
+            percentile(&mut v2v, 1.0),
             v2v.len() + missing
         );
         println!(
@@ -352,7 +372,7 @@ fn main() {
             "  RSS per call (peak - idle) / calls: {per_call:.1} MB, of which Vosk recognizer ~{:.1} MB",
             stt_kb / 1024.0
         );
-        let (tokens, busy_ms) = llm_tokens(&server.log());
+        let (tokens, busy_ms) = llm_tokens(&log);
         let tps = if busy_ms > 0 {
             tokens as f64 * 1000.0 / busy_ms as f64
         } else {
@@ -361,16 +381,16 @@ fn main() {
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
         summary.push(format!(
             "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
-            pct(&mut v2v, 0.5),
-            pct(&mut v2v, 0.95),
-            pct(&mut to_reply, 0.5),
-            pct(&mut to_reply, 0.95),
-            pct(&mut llm, 0.5),
-            pct(&mut llm, 0.95),
-            pct(&mut tts, 0.5),
-            pct(&mut tts, 0.95),
-            pct(&mut p99, 1.0),
-            pct(&mut p99, 0.5),
+            percentile(&mut v2v, 0.5),
+            percentile(&mut v2v, 0.95),
+            percentile(&mut to_reply, 0.5),
+            percentile(&mut to_reply, 0.95),
+            percentile(&mut llm, 0.5),
+            percentile(&mut llm, 0.95),
+            percentile(&mut tts, 0.5),
+            percentile(&mut tts, 0.95),
+            percentile(&mut p99, 1.0),
+            percentile(&mut p99, 0.5),
             idle_rss / 1024,
             peak_rss / 1024,
         ));
@@ -397,8 +417,8 @@ fn main() {
         println!(
             "barge-in stop latency (caller's first speech frame -> last agent frame), {} of {barge} barge-ins: p50 {:.0} ms, p95 {:.0} ms",
             stops.len(),
-            pct(&mut stops, 0.5),
-            pct(&mut stops, 0.95)
+            percentile(&mut stops, 0.5),
+            percentile(&mut stops, 0.95)
         );
         if let Some(p) = prometheus.as_mut() {
             let _ = Command::new("kill").arg(p.id().to_string()).status();

@@ -18,6 +18,9 @@
 //! drop) per scheduler and prints RSS every 20 sessions and the slope per session after the
 //! first 20 (issue 7: what the LLM alone adds to the soak's RSS growth per call).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use asterisk_voice_agent::config::{AgentConfig, LlmScheduler};
 use asterisk_voice_agent::llm::{LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role};
 use std::path::PathBuf;
@@ -37,10 +40,7 @@ const QUESTIONS: [&str; 8] = [
 ];
 
 fn model_path() -> PathBuf {
-    let home = std::env::var("AVA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/asterisk-voice-agent"));
-    home.join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::test_gguf()
 }
 
 fn status_kib(key: &str) -> u64 {
@@ -54,16 +54,6 @@ fn status_kib(key: &str) -> u64 {
 /// Resets VmHWM to the current RSS (Linux `clear_refs`, value 5).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[(((v.len() as f64) * p).ceil() as usize)
-        .saturating_sub(1)
-        .min(v.len() - 1)]
 }
 
 /// `BENCH_LLM_THREADS`: llama.cpp threads per context, instead of what `serve` would use.
@@ -178,13 +168,9 @@ fn churn(sched: &str, scheduler: LlmScheduler, churn: usize) {
             }
         }
     }
-    let n = points.len() as f64;
-    let (mx, my) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
-    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
     println!(
         "churn {sched}: RSS slope after 20 sessions {:+.0} KiB per session",
-        num / den
+        common::slope(&points)
     );
     engine.shutdown();
 }
@@ -285,10 +271,10 @@ fn main() {
             let tps = tokens as f64 / wall;
             let line = format!(
                 "{n} session(s) {sched:>9}: first token p50/p95 {:.0}/{:.0} ms, reply p50/p95 {:.0}/{:.0} ms, {tokens} tokens, aggregate {tps:.0} tokens/s, RSS engine {} MiB, idle {} MiB, per session {per_session:.1} MiB",
-                pct(&mut first, 0.5),
-                pct(&mut first, 0.95),
-                pct(&mut total, 0.5),
-                pct(&mut total, 0.95),
+                common::percentile(&mut first, 0.5),
+                common::percentile(&mut first, 0.95),
+                common::percentile(&mut total, 0.5),
+                common::percentile(&mut total, 0.95),
                 idle.saturating_sub(before) / 1024,
                 idle / 1024,
             );

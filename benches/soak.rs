@@ -30,40 +30,13 @@ fn status(pid: u32, key: &str) -> u64 {
 /// issue 7: glibc malloc's `(in_use, arenas)` bytes from the server's `/metrics`
 /// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident.
 fn malloc_bytes(http: &str) -> Option<(f64, f64)> {
-    let text = reqwest::blocking::get(format!("http://{http}/metrics"))
-        .ok()?
-        .text()
-        .ok()?;
-    let get = |kind: &str| {
-        text.lines().find_map(|l| {
-            l.strip_prefix(&format!("ava_malloc_bytes{{kind=\"{kind}\"}} "))?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-    };
+    let m = scrape_metrics(http);
+    let get = |kind: &str| m.get(&format!("ava_malloc_bytes{{kind=\"{kind}\"}}")).copied();
     Some((get("in_use")?, get("arenas")?))
 }
 
 fn fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
-}
-
-/// Least-squares slope of y over x.
-fn slope(points: &[(f64, f64)]) -> f64 {
-    let n = points.len() as f64;
-    if n < 2.0 {
-        return f64::NAN;
-    }
-    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
-    let (mx, my) = (sx / n, sy / n);
-    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
-    if den == 0.0 {
-        f64::NAN
-    } else {
-        num / den
-    }
 }
 
 fn main() {

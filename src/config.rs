@@ -349,6 +349,11 @@ pub struct ServerConfig {
     /// A write to Asterisk that has not completed in this many ms (the peer stopped reading)
     /// ends the call. Default 3000.
     pub write_timeout_ms: u64,
+    /// STT recognizers warmed at start-up, in the background at low priority, by decoding the
+    /// rendered prompts, for the first calls after a start (a fresh Vosk recognizer on a
+    /// lookahead model is several times slower on its first utterance: `stt::RecognizerPool`).
+    /// At most `max_calls`. Default 2; 0 turns it off.
+    pub warm_recognizers: usize,
     /// issue 10: whether `max_calls` was given in the file (else the tier's value applies).
     #[serde(skip)]
     pub max_calls_set: bool,
@@ -362,6 +367,7 @@ impl Default for ServerConfig {
             max_calls: 8,
             max_pending: 16,
             write_timeout_ms: 3000,
+            warm_recognizers: 2,
             max_calls_set: false,
         }
     }

@@ -36,10 +36,16 @@ pub struct Engines {
 /// win the CPU over inference on a loaded machine. Threads it creates afterwards (llama.cpp's
 /// OpenMP pool, ONNX Runtime's) inherit it. Failure is harmless and ignored.
 pub fn lower_thread_priority() {
+    set_thread_nice(10);
+}
+
+/// Sets the calling thread's nice value (-20..19; higher yields the CPU to the others). Failure
+/// is harmless and ignored.
+pub fn set_thread_nice(nice: i32) {
     // SAFETY: plain syscalls on the calling thread's own id.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
 }
 

@@ -53,6 +53,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     }
     let engines = tokio::task::block_in_place(|| Engines::load(&cfg))?;
     render_prompts(&engines, &cfg).await?;
+    warm_recognizers(&engines, &cfg);
     let directory = Arc::new(CallDirectory::new(DEFAULT_TTL));
     let (stop_tx, stop_rx) = watch::channel(false);
     let agi = match agi_reserved {
@@ -141,6 +142,30 @@ pub async fn render_prompts(engines: &Engines, cfg: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Starts warming `server.warm_recognizers` (at most `max_calls`) STT recognizers in the
+/// background on the rendered prompts at 16 kHz (the greeting, then the others, at most 10 s
+/// of speech). A failure only loses the warm-up (logged).
+fn warm_recognizers(engines: &Engines, cfg: &Config) {
+    let count = cfg.server.warm_recognizers.min(cfg.server.max_calls);
+    let c = &cfg.call;
+    let mut speech: Vec<i16> = Vec::new();
+    for text in [
+        &cfg.agent.greeting,
+        &c.not_understood,
+        &c.reprompt,
+        &c.second_filler,
+        &c.apology,
+    ] {
+        if let Some(audio) = engines.tts.get_cached(text, 16000) {
+            speech.extend_from_slice(&audio);
+        }
+    }
+    speech.truncate(16000 * 10);
+    if let Err(e) = engines.stt.warm_up(speech, 16000, count) {
+        warn!("could not warm the STT recognizers: {e:#}");
+    }
 }
 
 /// Drops nothing itself: waits (at most [`WORKER_DEADLINE`]) for the STT, LLM and TTS threads

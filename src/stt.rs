@@ -31,8 +31,9 @@ pub struct SttEngine {
 /// at a real-time factor of 1.8-2.1 with one 20 ms chunk taking ~3 s; the same recognizer,
 /// reset after the utterance, decoded the next ones at 0.2-0.9 (its on-the-fly composition
 /// caches are kept by `vosk_recognizer_reset`). Creating one also costs ~300 ms. So a
-/// recognizer is reset and kept when its call ends, and the next call starts with it. The pool
-/// holds at most as many recognizers as were ever in use at once (bounded by
+/// recognizer is reset and kept when its call ends, and the next call starts with it; and
+/// `server.warm_recognizers` are warmed at start-up ([`SttEngine::warm_up`]). The pool holds
+/// at most as many recognizers as were ever in use at once plus those warmed (each bounded by
 /// `server.max_calls`), and at most `MAX`.
 #[derive(Default)]
 pub struct RecognizerPool {
@@ -59,6 +60,63 @@ impl RecognizerPool {
     /// Recognizers kept idle now.
     pub fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl SttEngine {
+    /// Warms `count` recognizers for the first calls: on one background thread at the lowest
+    /// priority (nice 19), each new recognizer decodes `speech` (mono samples at `rate_hz`, a
+    /// few seconds of speech: the rendered prompts), is reset and goes to the pool. Stops early
+    /// once the engine is dropped. Returns at once.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned or `rate_hz` cannot be resampled to the model's rate.
+    pub fn warm_up(&self, speech: Vec<i16>, rate_hz: u32, count: usize) -> Result<()> {
+        if count == 0 || speech.is_empty() {
+            return Ok(());
+        }
+        let mut resampler = StreamResampler::new(rate_hz, self.sample_rate, 20)?;
+        let (model, rate) = (self.model.clone(), self.sample_rate as f32);
+        let pool = Arc::downgrade(&self.pool);
+        let live = crate::engines::WorkerThread::enter();
+        std::thread::Builder::new().name("stt-warm-up".into()).spawn(move || {
+            let _live = live;
+            crate::engines::set_thread_nice(19);
+            let started = Instant::now();
+            let chunk = (rate_hz / 50) as usize;
+            let mut buf = Vec::with_capacity(640);
+            for n in 0..count {
+                let Some(mut rec) = vosk::Recognizer::new(&model, rate) else {
+                    return;
+                };
+                for samples in speech.chunks(chunk) {
+                    if pool.strong_count() == 0 {
+                        return;
+                    }
+                    buf.clear();
+                    resampler.push(samples, &mut buf);
+                    let _ = rec.accept_waveform(&buf);
+                }
+                buf.clear();
+                resampler.flush(&mut buf);
+                let _ = rec.accept_waveform(&buf);
+                let _ = rec.final_result();
+                let Some(pool) = pool.upgrade() else { return };
+                pool.give_back(rec);
+                tracing::info!(
+                    n = n + 1,
+                    of = count,
+                    ms = started.elapsed().as_millis() as u64,
+                    "STT recognizer warmed"
+                );
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Recognizers kept idle for the next calls.
+    pub fn idle_recognizers(&self) -> usize {
+        self.pool.idle()
     }
 }
 

@@ -51,29 +51,6 @@ fn wait_active(http: &str, n: u64, secs: u64) {
     }
 }
 
-/// Prometheus text -> `name{sorted labels}` -> value.
-fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
-    let mut m = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
-        let key = match series.split_once('{') {
-            Some((name, labels)) => {
-                let mut ls: Vec<&str> = labels
-                    .trim_end_matches('}')
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                ls.sort();
-                format!("{name}{{{}}}", ls.join(","))
-            }
-            None => series.to_string(),
-        };
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        m.insert(key, v);
-    }
-    m
-}
-
 fn scrape(http: &str) -> BTreeMap<String, f64> {
     let (code, body) = get(&format!("http://{http}/metrics"));
     assert_eq!(code, 200, "{body}");

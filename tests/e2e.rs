@@ -120,6 +120,26 @@ fn two_simultaneous_calls_both_complete() {
     assert!(server.call_lines(id16).iter().any(|l| l.contains("rate_hz=16000")));
 }
 
+/// The recognizers warmed at start-up (`server.warm_recognizers`) serve the first calls: the
+/// first call's recognizer comes from the pool, and the call is answered.
+#[test]
+fn first_call_gets_a_recognizer_warmed_at_start_up() {
+    let _g = serial();
+    let server = Server::start_with_log(
+        "[server]\nwarm_recognizers = 1\n",
+        "info,ort=warn,asterisk_voice_agent::stt=debug",
+    );
+    let log = server.wait_log("STT recognizer warmed", 90);
+    let warmed = log.lines().find(|l| l.contains("STT recognizer warmed")).unwrap();
+    println!("{warmed}");
+    let wav = audio("book_appointment.8k.wav");
+    let r = server.simulate(&["--wav", wav.to_str().unwrap()]);
+    assert!(r["turns"][0]["voice_to_voice_ms"].as_f64().is_some(), "no reply: {r}");
+    let log = server.log();
+    let ready = log.lines().find(|l| l.contains("STT recognizer ready")).unwrap();
+    assert!(ready.contains("reused=true"), "{ready}");
+}
+
 #[test]
 fn replays_of_real_asterisk_captures_end_cleanly() {
     let _g = serial();

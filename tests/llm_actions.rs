@@ -1,6 +1,8 @@
 //! Actions the LLM can take (hang up, transfer to a configured destination), with the real test
 //! model SmolLM2-135M-Instruct (Q4_1), greedy decoding. See docs/actions.md.
 
+mod common;
+
 use asterisk_voice_agent::config::AgentConfig;
 use asterisk_voice_agent::llm::{
     Action, ActionSpec, LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role, TurnStats,
@@ -10,10 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 fn model_path() -> PathBuf {
-    let home = std::env::var("AVA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/asterisk-voice-agent"));
-    home.join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::test_gguf()
 }
 
 fn engine() -> Arc<LlmEngine> {

@@ -1,6 +1,8 @@
 //! issue 10: the batched LLM scheduler (one llama.cpp context, a KV sequence per session)
 //! with the real test model SmolLM2-135M-Instruct (Q4_1), greedy decoding.
 
+mod common;
+
 use asterisk_voice_agent::config::{AgentConfig, LlmScheduler};
 use asterisk_voice_agent::llm::{LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role, TurnStats};
 use std::path::PathBuf;
@@ -9,10 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 fn model_path() -> PathBuf {
-    let home = std::env::var("AVA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/asterisk-voice-agent"));
-    home.join("models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::test_gguf()
 }
 
 fn load(sequences: u32, scheduler: LlmScheduler) -> Arc<LlmEngine> {

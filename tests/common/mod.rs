@@ -138,7 +138,7 @@ pub fn test_config_with(port: u16, dir: &Path, models_extra: &str, extra: &str) 
     format!(
         r#"[server]
 audiosocket_listen = "127.0.0.1:{port}"
-
+{warm}
 [agi]
 listen = "127.0.0.1:{agi_port}"
 
@@ -155,6 +155,13 @@ conversation_log = "{log}"
         log = dir.join("conversations.jsonl").display(),
         agi_port = port + 1,
         admin = admin_sections(dir, extra),
+        // The start-up STT warm-up (`server.warm_recognizers`) is off unless a test asks for it:
+        // on the 2-core CI machine its background decoding would slow every test's first call.
+        warm = if extra.contains("warm_recognizers") {
+            ""
+        } else {
+            "warm_recognizers = 0\n"
+        },
     )
 }
 
@@ -237,7 +244,11 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, merge_sections(&test_config(port, dir.path(), ""), extra_config)).unwrap();
+        let mut base = test_config(port, dir.path(), "");
+        if extra_config.contains("warm_recognizers") {
+            base = base.replace("warm_recognizers = 0\n", "");
+        }
+        std::fs::write(&cfg, merge_sections(&base, extra_config)).unwrap();
         let stderr = std::fs::File::create(dir.path().join("serve.log")).unwrap();
         let child = Command::new(bin())
             .args(["serve", "--config"])
@@ -399,4 +410,69 @@ pub fn read_wav(path: &Path) -> (u32, Vec<i16>) {
     let mut r = hound::WavReader::open(path).unwrap();
     let rate = r.spec().sample_rate;
     (rate, r.samples::<i16>().map(|s| s.unwrap()).collect())
+}
+
+/// Prometheus text -> `name{sorted labels}` -> value.
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let key = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut ls: Vec<&str> = labels
+                    .trim_end_matches('}')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                ls.sort();
+                format!("{name}{{{}}}", ls.join(","))
+            }
+            None => series.to_string(),
+        };
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        m.insert(key, v);
+    }
+    m
+}
+
+/// `/metrics` of the server whose HTTP side is at `http`, parsed ([`parse_metrics`]); empty
+/// when it cannot be fetched.
+pub fn scrape_metrics(http: &str) -> BTreeMap<String, f64> {
+    reqwest::blocking::get(format!("http://{http}/metrics"))
+        .and_then(|r| r.text())
+        .map(|t| parse_metrics(&t))
+        .unwrap_or_default()
+}
+
+/// The `p` quantile (0..1, nearest rank) of `v`, which it sorts; NaN when empty.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[(((v.len() as f64) * p).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
+}
+
+/// Least-squares slope of y over x; NaN with fewer than 2 points or a single x.
+pub fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return f64::NAN;
+    }
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if den == 0.0 {
+        f64::NAN
+    } else {
+        num / den
+    }
+}
+
+/// The test tier's GGUF (SmolLM2-135M-Instruct Q4_1) under [`models_dir`].
+pub fn test_gguf() -> PathBuf {
+    models_dir().join("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
