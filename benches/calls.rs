@@ -18,7 +18,9 @@
 //! measured round waits for the recognizers warmed at start-up (`server.warm_recognizers`);
 //! `0`: the measured calls start as soon as the server is ready.
 //! `BENCH_TURN=silence,smart,smart+spec` (issue 8: `[turn] mode` values compared in the same
-//! run, `+spec` with `turn.speculative = true`; default the config's default).
+//! run, `+spec` with `turn.speculative = true`, `+noprefill` with `turn.prefill_every_ms = 0`;
+//! default the config's default).
+//! `BENCH_CONFIG`: TOML added to every server's config (e.g. `[llm]` / `threads = 1`).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
 //! call, and the Vosk recognizers' own share of it (measured in this process).
 
@@ -178,15 +180,23 @@ fn main() {
         }
     }
     for (n, sched, observer, turn) in runs {
-        let (mode, speculative) = match turn.split_once('+') {
-            Some((mode, "spec")) => (mode, true),
-            Some((_, other)) => panic!("BENCH_TURN: unknown suffix +{other} (+spec)"),
-            None => (turn.as_str(), false),
-        };
+        let mut parts = turn.split('+');
+        let mode = parts.next().unwrap_or_default();
+        let (mut speculative, mut prefill) = (false, String::new());
+        for suffix in parts {
+            match suffix {
+                "spec" => speculative = true,
+                "noprefill" => prefill = "prefill_every_ms = 0\n".into(),
+                other => panic!("BENCH_TURN: unknown suffix +{other} (+spec, +noprefill)"),
+            }
+        }
         let server = Server::start_with(
             // The start-up STT warm-up at its default (the test harness turns it off).
             &format!("max_calls = {}\nwarm_recognizers = 2", n.max(8)),
-            &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n"),
+            &merge_sections(
+                &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n{prefill}"),
+                &std::env::var("BENCH_CONFIG").unwrap_or_default(),
+            ),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();
@@ -333,6 +343,12 @@ fn main() {
             "  final transcript -> LLM first token: p50 {:.0} ms, p95 {:.0} ms",
             percentile(&mut llm, 0.5),
             percentile(&mut llm, 0.95)
+        );
+        let mut evaluated = stage("llm_evaluated_tokens");
+        println!(
+            "  prompt tokens the reply evaluated (not in the KV cache; fewer with the prefill): p50 {:.0}, p95 {:.0}",
+            percentile(&mut evaluated, 0.5),
+            percentile(&mut evaluated, 0.95)
         );
         println!(
             "  final transcript -> first agent audio queued: p50 {:.0} ms, p95 {:.0} ms",

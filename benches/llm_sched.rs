@@ -11,8 +11,9 @@
 //!
 //! Run: `cargo bench --bench llm_sched` (after `scripts/install-models.sh`).
 //! `BENCH_CALLS=1,4,8`, `BENCH_SCHEDULERS=batched,per_call`, `BENCH_ROUNDS=2` (questions per
-//! session), `BENCH_LLM_THREADS` (llama.cpp threads per context; default as `serve`: the
-//! physical cores for the shared context, 2 for a per-call one).
+//! session), `BENCH_LLM_THREADS` (llama.cpp threads per context generating tokens; default as
+//! `serve`: the physical cores for the shared context, 2 for a per-call one),
+//! `BENCH_LLM_BATCH_THREADS` (threads evaluating prompts; default: as generating).
 //!
 //! `BENCH_CHURN=200` instead runs that many sessions (2 at a time, each: open, warm, one reply,
 //! drop) per scheduler and prints RSS every 20 sessions and the slope per session after the
@@ -22,7 +23,7 @@
 mod common;
 
 use asterisk_voice_agent::config::{AgentConfig, LlmScheduler};
-use asterisk_voice_agent::llm::{LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role};
+use asterisk_voice_agent::llm::{prologue, LlmEngine, LlmEvent, LlmSession, LlmSettings, Message, Role};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Barrier};
@@ -71,6 +72,9 @@ fn settings(scheduler: LlmScheduler, sequences: u32) -> LlmSettings {
         } else {
             2
         }),
+        batch_threads: std::env::var("BENCH_LLM_BATCH_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok()),
         context: 2048,
         temperature: 0.0,
         seed: 42,
@@ -89,19 +93,6 @@ fn parse_scheduler(name: &str) -> LlmScheduler {
 }
 
 /// The agent's system prompt and greeting: what a call warms before the caller speaks.
-fn base_prompt(agent: &AgentConfig) -> Vec<Message> {
-    vec![
-        Message {
-            role: Role::System,
-            text: agent.system_prompt.clone(),
-        },
-        Message {
-            role: Role::Assistant,
-            text: agent.greeting.clone(),
-        },
-    ]
-}
-
 fn list(var: &str, default: &str) -> Vec<String> {
     std::env::var(var)
         .unwrap_or_else(|_| default.into())
@@ -139,7 +130,7 @@ fn churn(sched: &str, scheduler: LlmScheduler, churn: usize) {
     let engine =
         Arc::new(LlmEngine::load(&model_path(), settings(scheduler, 4)).expect("test LLM (scripts/install-models.sh)"));
     println!("\n== churn, {sched}: sessions, RSS MiB (threads)");
-    let base = base_prompt(&agent);
+    let base = prologue(&agent);
     let mut points = Vec::new();
     for i in (0..churn).step_by(2) {
         std::thread::scope(|sc| {
@@ -225,7 +216,7 @@ fn main() {
             let sessions: Vec<LlmSession> = (0..n)
                 .map(|i| LlmSession::start(engine.clone(), &format!("bench-{i:04}")).unwrap())
                 .collect();
-            let base = base_prompt(&agent);
+            let base = prologue(&agent);
             for s in &sessions {
                 s.warm(base.clone());
             }

@@ -4,8 +4,9 @@
 //! end the slope per call after warm-up (the first minute). RSS should stay flat: a slope near
 //! 0 KiB per call. Also glibc malloc's bytes in use (floor of the minute, scraped from
 //! `/metrics` every second) and what its arenas hold from the kernel (last scrape of the
-//! minute), which tell growth from fragmentation. Not a
-//! test: it asserts nothing.
+//! minute), which tell growth from fragmentation, and the most Vosk recognizers alive in the
+//! minute (kept in the pool + live calls), whose number steps the in-use bytes up. Not a test:
+//! it asserts nothing.
 //!
 //! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
 //! shorter run; `SOAK_CONFIG` adds TOML to the server's config (e.g. `[llm]` /
@@ -28,11 +29,15 @@ fn status(pid: u32, key: &str) -> u64 {
 }
 
 /// issue 7: glibc malloc's `(in_use, arenas)` bytes from the server's `/metrics`
-/// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident.
-fn malloc_bytes(http: &str) -> Option<(f64, f64)> {
+/// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident,
+/// and the Vosk recognizers alive (`ava_stt_recognizers_idle` + `ava_active_calls`: each live
+/// call holds one once its audio started).
+fn malloc_bytes(http: &str) -> Option<(f64, f64, f64)> {
     let m = scrape_metrics(http);
     let get = |kind: &str| m.get(&format!("ava_malloc_bytes{{kind=\"{kind}\"}}")).copied();
-    Some((get("in_use")?, get("arenas")?))
+    let recognizers =
+        m.get("ava_stt_recognizers_idle").copied().unwrap_or(0.0) + m.get("ava_active_calls").copied().unwrap_or(0.0);
+    Some((get("in_use")?, get("arenas")?, recognizers))
 }
 
 fn fds(pid: u32) -> u64 {
@@ -62,8 +67,18 @@ fn main() {
         fds(pid)
     );
     println!(
-        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8} {:>11} {:>10}",
-        "min", "calls", "RSS_MiB", "floor_MiB", "peak_MiB", "threads", "fds", "no_reply", "heap_floor", "arenas"
+        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8} {:>11} {:>10} {:>11}",
+        "min",
+        "calls",
+        "RSS_MiB",
+        "floor_MiB",
+        "peak_MiB",
+        "threads",
+        "fds",
+        "no_reply",
+        "heap_floor",
+        "arenas",
+        "recognizers"
     );
     let calls = AtomicUsize::new(0);
     let missing = AtomicUsize::new(0);
@@ -93,16 +108,17 @@ fn main() {
             let mut floor = u64::MAX;
             let mut peak = 0;
             // malloc's in-use bytes every second (a scrape walks every arena): its floor too.
-            let (mut heap_floor, mut held) = (f64::INFINITY, f64::NAN);
+            let (mut heap_floor, mut held, mut recognizers) = (f64::INFINITY, f64::NAN, 0.0f64);
             let mut tick = 0u32;
             while Instant::now() < wake {
                 let kb = status(pid, "VmRSS:");
                 floor = floor.min(kb);
                 peak = peak.max(kb);
                 if tick % 4 == 0 {
-                    if let Some((in_use, arenas)) = malloc_bytes(&http) {
+                    if let Some((in_use, arenas, r)) = malloc_bytes(&http) {
                         heap_floor = heap_floor.min(in_use / 1024.0);
                         held = arenas / 1024.0;
+                        recognizers = recognizers.max(r);
                     }
                 }
                 tick += 1;
@@ -116,7 +132,7 @@ fn main() {
                 floor as f64,
             );
             println!(
-                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8} {:>11.1} {:>10.1}",
+                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8} {:>11.1} {:>10.1} {:>11}",
                 row.0,
                 row.1 / 1024.0,
                 row.4 / 1024.0,
@@ -125,7 +141,8 @@ fn main() {
                 row.3,
                 missing.load(Ordering::Relaxed),
                 heap_floor / 1024.0,
-                held / 1024.0
+                held / 1024.0,
+                recognizers
             );
             rows.push(row);
             heap_rows.push((row.0, heap_floor));

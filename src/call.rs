@@ -274,6 +274,23 @@ enum TurnMsg {
         pause: u64,
         text: String,
     },
+    /// STT's partial text for the prefill (src/prefill.rs).
+    Partial {
+        text: String,
+    },
+    /// The prefill is in the KV cache, `ms` after it was started.
+    Prefilled {
+        ms: u64,
+    },
+}
+
+/// Drops the oldest caller/agent exchanges of `messages` beyond `history_turns`, keeping the
+/// system prompt (the first message).
+fn trim_messages(messages: &mut Vec<Message>, history_turns: usize) {
+    let keep = 1 + 2 * history_turns;
+    if messages.len() > keep {
+        messages.drain(1..messages.len() - keep + 1);
+    }
 }
 
 /// How the call ends once the queued audio has played.
@@ -304,6 +321,8 @@ enum ReplyEvent {
     Done {
         turn: u64,
         text: String,
+        /// Prompt tokens the LLM had to evaluate (not found in its KV cache).
+        evaluated_tokens: Option<usize>,
     },
     /// The LLM failed on every attempt and model: apologize and hang up.
     LlmFailed {
@@ -401,6 +420,8 @@ struct Call {
     dead_air: DeadAir,
     /// End-of-turn policy (issue 8) and the channel its questions are answered on.
     policy: TurnPolicy,
+    /// When to prefill the LLM with the caller's words so far (issue 8).
+    prefill: crate::prefill::PrefillPolicy,
     turn_tx: mpsc::UnboundedSender<TurnMsg>,
     turn_rx: mpsc::UnboundedReceiver<TurnMsg>,
     /// The caller's current utterance (at the call rate), at most the last 8 s, for the turn
@@ -423,16 +444,7 @@ impl Call {
     fn new(id: String, shared: Arc<Shared>) -> Call {
         let cfg = &shared.cfg;
         let (stt, stt_rx) = SttStream::detached();
-        let history = vec![
-            Message {
-                role: Role::System,
-                text: cfg.agent.system_prompt.clone(),
-            },
-            Message {
-                role: Role::Assistant,
-                text: cfg.agent.greeting.clone(),
-            },
-        ];
+        let history = crate::llm::prologue(&cfg.agent);
         let (reply_tx, reply_rx) = mpsc::unbounded_channel();
         let (turn_tx, turn_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
@@ -447,6 +459,7 @@ impl Call {
                 None => Vad::new(&vad_cfg),
             },
             policy: TurnPolicy::new(&cfg.turn),
+            prefill: crate::prefill::PrefillPolicy::new(cfg.turn.prefill_every_ms),
             turn_tx,
             turn_rx,
             utterance: VecDeque::new(),
@@ -846,7 +859,9 @@ impl Call {
             VadEvent::None => {
                 if !self.ignoring_utterance {
                     self.keep_utterance(&samples, rate_hz);
+                    let audio_ms = (samples.len() as u64 * 1000 / rate_hz.max(1) as u64) as u32;
                     self.stt.audio(samples);
+                    self.maybe_prefill(audio_ms);
                     if self.paused_since.is_none() {
                         let ms = self.vad.trailing_silence_ms();
                         self.turn_event(turn::Event::Silence { ms });
@@ -891,6 +906,7 @@ impl Call {
         self.pre_roll_samples = 0;
         self.keep_utterance(&samples, rate_hz);
         self.stt.audio(samples);
+        self.prefill.utterance_start();
         self.turn_event(turn::Event::SpeechStart);
         if speaking && b.enabled && self.paused_since.is_none() {
             self.paused_since = Some(now);
@@ -1148,10 +1164,7 @@ impl Call {
 
     /// Drops the oldest exchanges beyond `agent.history_turns`.
     fn trim_history(&mut self) {
-        let keep = 1 + 2 * self.shared.cfg.agent.history_turns;
-        if self.history.len() > keep {
-            self.history.drain(1..self.history.len() - keep + 1);
-        }
+        trim_messages(&mut self.history, self.shared.cfg.agent.history_turns);
     }
 
     /// Starts a reply job for `messages`; `speculative` holds its audio until committed.
@@ -1248,8 +1261,14 @@ impl Call {
                 }
                 self.queue.push_back(seg);
             }
-            ReplyEvent::Done { turn, text } if Some(turn) == current => {
-                self.turn.as_mut().unwrap().full_text = Some(text);
+            ReplyEvent::Done {
+                turn,
+                text,
+                evaluated_tokens,
+            } if Some(turn) == current => {
+                let t = self.turn.as_mut().unwrap();
+                t.full_text = Some(text);
+                t.timings.llm_evaluated_tokens = evaluated_tokens;
                 self.maybe_finish_turn();
             }
             ReplyEvent::LlmFailed { turn, .. } | ReplyEvent::TtsFailed { turn, .. }
@@ -1467,6 +1486,7 @@ impl ReplyJob {
                     let _ = self.tx.send(ReplyEvent::Done {
                         turn: self.turn,
                         text: full.trim().to_string(),
+                        evaluated_tokens: Some(stats.evaluated_tokens),
                     });
                     return Attempt::Spoken;
                 }
@@ -1480,6 +1500,7 @@ impl ReplyJob {
                     let _ = self.tx.send(ReplyEvent::Done {
                         turn: self.turn,
                         text: full.trim().to_string(),
+                        evaluated_tokens: None,
                     });
                     return Attempt::Spoken;
                 }

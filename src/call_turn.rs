@@ -33,6 +33,47 @@ impl Call {
         }
     }
 
+    /// The LLM may take a prefill now: a session exists, no reply is in flight or playing, and
+    /// Vosk keeps up with the caller ([`crate::prefill::MAX_STT_BACKLOG_MS`]).
+    fn prefill_idle(&self) -> bool {
+        self.llm.is_some()
+            && self.turn.is_none()
+            && self.queue.is_empty()
+            && self.ending.is_none()
+            && self.stt.backlog_ms() <= crate::prefill::MAX_STT_BACKLOG_MS
+    }
+
+    /// Counts `audio_ms` of the open utterance toward the next prefill, and asks STT for the
+    /// text so far when one is due (src/prefill.rs).
+    pub(super) fn maybe_prefill(&mut self, audio_ms: u32) {
+        let idle = self.prefill_idle();
+        let silence_ms = self.vad.trailing_silence_ms();
+        if !self.prefill.audio(audio_ms, silence_ms, idle) {
+            return;
+        }
+        let rx = self.stt.partial_text();
+        let tx = self.turn_tx.clone();
+        tokio::spawn(async move {
+            // A dropped request (the call's STT ended) leaves the policy asking: no more
+            // prefills in this call, which is over anyway.
+            if let Ok(text) = rx.await {
+                let _ = tx.send(TurnMsg::Partial { text });
+            }
+        });
+    }
+
+    /// The reply's prompt if the caller's turn were `text`: the history, then `text`, trimmed
+    /// to `agent.history_turns` as `start_reply` does.
+    pub(super) fn prompt_with(&self, text: &str) -> Vec<Message> {
+        let mut messages = self.history.clone();
+        messages.push(Message {
+            role: Role::User,
+            text: text.to_string(),
+        });
+        super::trim_messages(&mut messages, self.shared.cfg.agent.history_turns);
+        messages
+    }
+
     pub(super) fn is_speculative(&self) -> bool {
         self.turn.as_ref().is_some_and(|t| t.speculative.is_some())
     }
@@ -62,6 +103,29 @@ impl Call {
                 // The silence timer still ends the turn.
                 Err(e) => warn!("the turn model failed: {e:#}"),
             },
+            TurnMsg::Partial { text } => {
+                let idle = self.prefill_idle();
+                let Some(text) = self.prefill.partial(&text, idle) else {
+                    return;
+                };
+                let Some(llm) = self.llm.clone() else {
+                    self.prefill.prefilled();
+                    return;
+                };
+                let rx = llm.prefill(self.prompt_with(&text));
+                let tx = self.turn_tx.clone();
+                let started = Instant::now();
+                tokio::spawn(async move {
+                    let _ = rx.await;
+                    let _ = tx.send(TurnMsg::Prefilled {
+                        ms: started.elapsed().as_millis() as u64,
+                    });
+                });
+            }
+            TurnMsg::Prefilled { ms } => {
+                debug!(ms, "LLM prefilled with the caller's words so far");
+                self.prefill.prefilled();
+            }
             TurnMsg::TextSoFar { pause, text } => {
                 debug!(
                     pause,
@@ -131,15 +195,7 @@ impl Call {
             return;
         }
         debug!(text = %text, "speculative reply started");
-        let mut messages = self.history.clone();
-        messages.push(Message {
-            role: Role::User,
-            text: text.clone(),
-        });
-        let keep = 1 + 2 * self.shared.cfg.agent.history_turns;
-        if messages.len() > keep {
-            messages.drain(1..messages.len() - keep + 1);
-        }
+        let messages = self.prompt_with(&text);
         self.spawn_reply(messages, TurnTimings::default(), Some(text));
     }
 

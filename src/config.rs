@@ -79,6 +79,14 @@ pub struct TurnConfig {
     /// Default false: finalizing Vosk at each pause (to get the text so far) put the test
     /// tier's STT seconds behind the caller (stt_final 3.8 s against about 40 ms without it).
     pub speculative: bool,
+    /// While the caller speaks, every this many ms of their audio, and once more 100 ms into
+    /// each pause, the text so far (Vosk's partial result) is evaluated into the LLM's KV cache,
+    /// so that after the end of the turn only the last words are left to evaluate
+    /// (src/prefill.rs); not while Vosk is more than 300 ms behind the caller. 0 = off.
+    /// Default 500: at 1 call (smart mode, 6 utterances, 2-core machine) prompt tokens left
+    /// after the final transcript p50 39 -> 14, final transcript -> first token p50 412 ->
+    /// 175 ms; at 4 calls Vosk runs seconds behind and no prefill is made (docs/turns.md).
+    pub prefill_every_ms: u32,
 }
 
 impl Default for TurnConfig {
@@ -89,6 +97,7 @@ impl Default for TurnConfig {
             threshold: 0.7,
             max_end_silence_ms: 1200,
             speculative: false,
+            prefill_every_ms: 500,
         }
     }
 }
@@ -447,6 +456,10 @@ impl Default for AgentConfig {
 pub struct LlmConfig {
     /// llama.cpp threads per call. Default: the installed tier's value (manifest), else 2.
     pub threads: Option<i32>,
+    /// llama.cpp threads evaluating prompts (the caller's new words), per context. Default:
+    /// with per-call contexts and `threads` unset, the installed tier's (test and tiny tiers:
+    /// 2, generating on 1); else `threads`. `threads = 2` alone restores the former 2 / 2.
+    pub batch_threads: Option<i32>,
     /// Context size in tokens per call. Default: the installed tier's value, else 2048.
     pub context: Option<u32>,
     /// Sampling temperature; 0 = greedy. Default 0.6.
@@ -508,6 +521,7 @@ impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig {
             threads: None,
+            batch_threads: None,
             context: None,
             temperature: 0.6,
             seed: 42,
@@ -659,6 +673,10 @@ impl Config {
         anyhow::ensure!(
             self.llm.threads.is_none_or(|t| t >= 1),
             "llm.threads must be at least 1"
+        );
+        anyhow::ensure!(
+            self.llm.batch_threads.is_none_or(|t| t >= 1),
+            "llm.batch_threads must be at least 1"
         );
         anyhow::ensure!(
             self.llm.context.is_none_or(|c| c >= 256),

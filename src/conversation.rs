@@ -39,6 +39,11 @@ pub struct TurnTimings {
     /// figures count from its commit, 0 when it was already ready (issue 8).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub speculative: bool,
+    /// Prompt tokens the LLM evaluated for this reply: the caller's words and the chat
+    /// template around them that were not already in its KV cache (fewer when the prefill
+    /// evaluated them while the caller spoke, issue 8). None when the LLM failed midway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_evaluated_tokens: Option<usize>,
 }
 
 /// One line of the log.

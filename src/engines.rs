@@ -194,6 +194,15 @@ impl Engines {
         }
         let started = Instant::now();
         let batched = cfg.llm.scheduler == crate::config::LlmScheduler::Batched;
+        // A per-call context's prompt threads: the key, else the tier's when `llm.threads` is
+        // not set either (then the tier's generating threads are used too), else as generating.
+        let per_call_batch_threads = cfg.llm.batch_threads.or_else(|| {
+            cfg.llm
+                .threads
+                .is_none()
+                .then(|| tier.and_then(Manifest::llm_batch_threads))
+                .flatten()
+        });
         let llm_settings = LlmSettings {
             // issue 10: the shared context uses every physical core; a per-call one the tier's.
             threads: cfg
@@ -202,6 +211,13 @@ impl Engines {
                 .or_else(|| batched.then(physical_cores))
                 .or_else(|| tier.and_then(Manifest::llm_threads))
                 .unwrap_or(2),
+            // The shared context evaluates prompts on its generating threads (the physical
+            // cores) unless set.
+            batch_threads: if batched {
+                cfg.llm.batch_threads
+            } else {
+                per_call_batch_threads
+            },
             context: cfg
                 .llm
                 .context
@@ -226,9 +242,14 @@ impl Engines {
                 .threads
                 .or_else(|| tier.and_then(Manifest::llm_threads))
                 .unwrap_or(2),
+            batch_threads: per_call_batch_threads,
             ..llm_settings.clone()
         };
         let fallback_tts_settings = tts_settings.clone();
+        let (llm_threads, llm_batch_threads) = (
+            llm_settings.threads,
+            llm_settings.batch_threads.unwrap_or(llm_settings.threads),
+        );
         let (stt, llm, tts) = std::thread::scope(|s| {
             let stt = s.spawn(|| timed("stt", || SttEngine::load(&paths.stt)));
             let llm = s.spawn(|| {
@@ -301,6 +322,8 @@ impl Engines {
             voice_rate = tts.voice_rate_hz,
             fallback_llm = fallback_llm.is_some(),
             fallback_voice = fallback_tts.is_some(),
+            llm_threads,
+            llm_batch_threads,
             "models loaded"
         );
         Ok(Engines {

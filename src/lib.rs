@@ -28,6 +28,8 @@ pub mod stt;
 pub mod transport;
 pub mod tts;
 pub mod turn;
+// issue 8: the LLM prefilled while the caller speaks
+pub mod prefill;
 pub mod vad;
 // issue 7: bounded under bad input, load and faults
 pub mod admission;

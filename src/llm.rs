@@ -55,11 +55,31 @@ pub struct Message {
     pub text: String,
 }
 
+/// The opening of every call's chat history: the agent's system prompt, then its greeting as
+/// the assistant's first turn (the caller has heard it before saying anything). Two messages.
+pub fn prologue(agent: &crate::config::AgentConfig) -> Vec<Message> {
+    vec![
+        Message {
+            role: Role::System,
+            text: agent.system_prompt.clone(),
+        },
+        Message {
+            role: Role::Assistant,
+            text: agent.greeting.clone(),
+        },
+    ]
+}
+
 /// Settings for every context.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
-    /// Threads per call's context (`per_call`), or of the one shared context (`batched`).
+    /// Threads per call's context (`per_call`), or of the one shared context (`batched`),
+    /// generating tokens (llama.cpp `n_threads`).
     pub threads: i32,
+    /// Threads evaluating prompts (llama.cpp `n_threads_batch`); None: `threads`. Generation
+    /// advances one token per decode, small work between many thread barriers; prompt
+    /// evaluation is one large batch that splits well.
+    pub batch_threads: Option<i32>,
     /// Context size in tokens, per call (each call's KV sequence holds this many).
     pub context: u32,
     /// Sampling temperature (0 = greedy).
@@ -78,6 +98,7 @@ impl Default for LlmSettings {
     fn default() -> Self {
         LlmSettings {
             threads: 2,
+            batch_threads: None,
             context: 2048,
             temperature: 0.0,
             seed: 42,
@@ -88,6 +109,23 @@ impl Default for LlmSettings {
 }
 
 static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+
+/// llama.cpp's backend, initialized once per process. `LlamaBackend::init` fails when called
+/// a second time, so two models loading at once (the main and the fallback GGUF, or tests in
+/// parallel) must not both try: the first initializes under a lock, the others wait for it.
+fn backend() -> Result<&'static LlamaBackend> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = BACKEND.get() {
+        return Ok(b);
+    }
+    let mut b = LlamaBackend::init().context("llama.cpp backend init failed")?;
+    b.void_logs();
+    Ok(BACKEND.get_or_init(|| b))
+}
 
 /// A loaded GGUF model with its chat template.
 pub(crate) struct LocalModel {
@@ -125,14 +163,7 @@ impl LlmEngine {
     /// If the file is not a loadable GGUF, has no chat template, or the shared context cannot
     /// be created.
     pub fn load(path: &Path, settings: LlmSettings) -> Result<LlmEngine> {
-        let backend = match BACKEND.get() {
-            Some(b) => b,
-            None => {
-                let mut b = LlamaBackend::init().context("llama.cpp backend init failed")?;
-                b.void_logs();
-                BACKEND.get_or_init(|| b)
-            }
-        };
+        let backend = backend()?;
         let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
             .map_err(|e| anyhow!("llama.cpp could not load {} ({e}): is it a GGUF file?", path.display()))?;
         let template = model
@@ -569,9 +600,13 @@ impl TagState {
     }
 }
 
+/// Dropped when a warm-up's prompt is in the KV cache (or was skipped): its receiver then
+/// completes ([`LlmSession::prefill`]).
+pub(crate) type WarmDone = Option<tokio::sync::oneshot::Sender<()>>;
+
 enum Request {
     /// Evaluate these messages into the KV cache without generating.
-    Warm(Vec<Message>),
+    Warm(Vec<Message>, WarmDone),
     Generate {
         messages: Vec<Message>,
         max_tokens: u32,
@@ -583,8 +618,9 @@ enum Request {
 /// What a session does with its backend (issue 10: three real implementations: the batched
 /// scheduler's sequence, a per-call context thread, an OpenAI-compatible server).
 pub(crate) trait LlmBackend: Send + Sync {
-    /// Evaluates `messages` into the KV cache (or nothing, where there is none to warm).
-    fn warm(&self, messages: Vec<Message>);
+    /// Evaluates `messages` into the KV cache (or nothing, where there is none to warm), then
+    /// drops `done`.
+    fn warm(&self, messages: Vec<Message>, done: WarmDone);
     /// Starts a reply; its events go to `out` (exactly one `Done` or `Error` at the end).
     fn generate(
         &self,
@@ -641,7 +677,17 @@ impl LlmSession {
     /// Evaluates `messages` (e.g. the system prompt and the greeting) into the KV cache in the
     /// background, so the first turn costs only the caller's words.
     pub fn warm(&self, messages: Vec<Message>) {
-        self.inner.warm(messages);
+        self.inner.warm(messages, None);
+    }
+
+    /// issue 8: evaluates `messages` (the history and the caller's words so far, as the reply's
+    /// prompt will start) into the KV cache while the caller is still speaking, so the reply
+    /// evaluates only what differs. The receiver completes (with an error: nothing is sent)
+    /// once the prompt is in; requests queue in order, so the caller keeps one in flight.
+    pub fn prefill(&self, messages: Vec<Message>) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.warm(messages, Some(tx));
+        rx
     }
 
     /// Generates the assistant's reply to `messages`; events arrive on the returned channel.
@@ -682,8 +728,8 @@ impl PerCallSession {
 }
 
 impl LlmBackend for PerCallSession {
-    fn warm(&self, messages: Vec<Message>) {
-        let _ = self.tx.send(Request::Warm(messages));
+    fn warm(&self, messages: Vec<Message>, done: WarmDone) {
+        let _ = self.tx.send(Request::Warm(messages, done));
     }
 
     fn generate(
@@ -714,7 +760,7 @@ fn session_thread(
         .with_n_ctx(NonZeroU32::new(s.context))
         .with_n_batch(512)
         .with_n_threads(s.threads)
-        .with_n_threads_batch(s.threads);
+        .with_n_threads_batch(s.batch_threads.unwrap_or(s.threads));
     let backend = BACKEND.get().expect("backend initialized by LlmEngine::load");
     let mut ctx = engine
         .model
@@ -727,7 +773,7 @@ fn session_thread(
 
     for req in rx {
         match req {
-            Request::Warm(messages) => {
+            Request::Warm(messages, _done) => {
                 let tokens = engine.tokenize(&messages, false, actions.as_deref())?;
                 if tokens.len() < n_ctx / 2 {
                     eval_prompt(&mut ctx, &mut batch, &mut cached, &tokens)?;

@@ -34,6 +34,9 @@ pub struct Metrics {
     /// `arenas` (what the arenas took from the kernel: in_use + free_held), `mmapped` (large
     /// blocks mapped one by one). With RSS, tells fragmentation from growth.
     pub malloc_bytes: IntGaugeVec,
+    /// `ava_stt_recognizers_idle`: Vosk recognizers kept for the next calls (reset, warmed by
+    /// earlier calls or at start-up; `crate::stt::RecognizerPool`), set when one is taken or kept.
+    pub stt_recognizers_idle: IntGauge,
     /// `ava_voice_to_voice_seconds`: agent-side voice-to-voice latency of each reply: end of
     /// caller speech -> first reply audio queued for playout (= endpoint wait + STT final +
     /// final text -> first audio); the playout adds at most one 20 ms frame.
@@ -126,6 +129,13 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(malloc_bytes.clone())).expect("unique metric");
+        let stt_recognizers_idle = IntGauge::new(
+            "ava_stt_recognizers_idle",
+            "Vosk recognizers kept warm for the next calls.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(stt_recognizers_idle.clone()))
+            .expect("unique metric");
         let stage = HistogramVec::new(
             HistogramOpts::new(
                 "ava_stage_seconds",
@@ -141,6 +151,7 @@ impl Metrics {
             calls_ended: counter_vec(&r, "ava_calls_ended_total", "Calls ended, by end reason.", &["reason"]),
             active_calls,
             malloc_bytes,
+            stt_recognizers_idle,
             voice_to_voice: histogram(
                 &r,
                 "ava_voice_to_voice_seconds",

@@ -45,7 +45,10 @@ impl RecognizerPool {
     pub const MAX: usize = 32;
 
     fn take(&self) -> Option<vosk::Recognizer> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = idle.pop();
+        crate::metrics::METRICS.stt_recognizers_idle.set(idle.len() as i64);
+        rec
     }
 
     /// Resets `rec` (the decoder state; its caches stay) and keeps it, unless `MAX` are kept.
@@ -55,11 +58,7 @@ impl RecognizerPool {
         if idle.len() < Self::MAX {
             idle.push(rec);
         }
-    }
-
-    /// Recognizers kept idle now.
-    pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::metrics::METRICS.stt_recognizers_idle.set(idle.len() as i64);
     }
 }
 
@@ -114,13 +113,6 @@ impl SttEngine {
         Ok(())
     }
 
-    /// Recognizers kept idle for the next calls.
-    pub fn idle_recognizers(&self) -> usize {
-        self.pool.idle()
-    }
-}
-
-impl SttEngine {
     /// Loads the Vosk model folder at `path`.
     ///
     /// # Errors
@@ -231,6 +223,14 @@ impl SttEngine {
                             cost.record(started.elapsed(), 0.0);
                             let _ = reply.send(text.clone());
                         }
+                        Command::Partial(reply) => {
+                            // Vosk's current best path: no finalizing, nothing reset.
+                            let started = Instant::now();
+                            let mut so_far = text.clone();
+                            push_words(&mut so_far, rec.partial_result().partial);
+                            cost.record(started.elapsed(), 0.0);
+                            let _ = reply.send(so_far);
+                        }
                         Command::Discard => {
                             rec.reset();
                             text.clear();
@@ -245,6 +245,7 @@ impl SttEngine {
                 closed,
                 queued,
                 max_queued: MAX_QUEUED_SECONDS * call_rate_hz as usize,
+                rate_hz: call_rate_hz,
                 dropping: false,
             },
             res_rx,
@@ -273,6 +274,7 @@ enum Command {
     Audio(Vec<i16>),
     Finish(Instant),
     SoFar(tokio::sync::oneshot::Sender<String>),
+    Partial(tokio::sync::oneshot::Sender<String>),
     Discard,
 }
 
@@ -308,6 +310,8 @@ pub struct SttStream {
     queued: Arc<AtomicUsize>,
     /// [`MAX_QUEUED_SECONDS`] at the call's rate, in samples.
     max_queued: usize,
+    /// The call's sample rate (Hz); 0 for a detached stream.
+    rate_hz: u32,
     /// Audio is being dropped (logged once per overflow).
     dropping: bool,
 }
@@ -324,6 +328,7 @@ impl SttStream {
                 closed: Arc::new(AtomicBool::new(false)),
                 queued: Arc::new(AtomicUsize::new(0)),
                 max_queued: usize::MAX,
+                rate_hz: 0,
                 dropping: false,
             },
             rx,
@@ -349,6 +354,13 @@ impl SttStream {
         let _ = self.tx.send(Command::Audio(samples));
     }
 
+    /// Caller audio sent to the recognizer and not yet decoded, in ms (0 for a detached
+    /// stream): how far Vosk is behind the caller.
+    pub fn backlog_ms(&self) -> u64 {
+        let queued = self.queued.load(Ordering::Relaxed) as u64;
+        queued * 1000 / u64::from(self.rate_hz.max(1))
+    }
+
     /// Ends the current utterance; its [`SttResult`] arrives on the result channel.
     pub fn finish(&self) {
         let _ = self.tx.send(Command::Finish(Instant::now()));
@@ -360,6 +372,15 @@ impl SttStream {
     pub fn text_so_far(&self) -> tokio::sync::oneshot::Receiver<String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = self.tx.send(Command::SoFar(tx));
+        rx
+    }
+
+    /// issue 8: the current utterance's text so far from Vosk's partial result (its current
+    /// best path, after the audio queued before this call), without finalizing anything: the
+    /// final text may still differ. Cheap: the LLM prefill asks for it while the caller speaks.
+    pub fn partial_text(&self) -> tokio::sync::oneshot::Receiver<String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Command::Partial(tx));
         rx
     }
 

@@ -255,6 +255,7 @@ mod tests {
             threshold: 0.5,
             max_end_silence_ms: 1200,
             speculative,
+            ..Default::default()
         }
     }
 

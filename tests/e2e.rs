@@ -132,12 +132,20 @@ fn first_call_gets_a_recognizer_warmed_at_start_up() {
     let log = server.wait_log("STT recognizer warmed", 90);
     let warmed = log.lines().find(|l| l.contains("STT recognizer warmed")).unwrap();
     println!("{warmed}");
+    let idle = |s: &Server| scrape_metrics(&s.http_addr()).get("ava_stt_recognizers_idle").copied();
+    assert_eq!(idle(&server), Some(1.0));
     let wav = audio("book_appointment.8k.wav");
     let r = server.simulate(&["--wav", wav.to_str().unwrap()]);
     assert!(r["turns"][0]["voice_to_voice_ms"].as_f64().is_some(), "no reply: {r}");
     let log = server.log();
     let ready = log.lines().find(|l| l.contains("STT recognizer ready")).unwrap();
     assert!(ready.contains("reused=true"), "{ready}");
+    // The call's recognizer goes back to the pool once its call has ended.
+    let t = Instant::now();
+    while idle(&server) != Some(1.0) && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(idle(&server), Some(1.0));
 }
 
 #[test]

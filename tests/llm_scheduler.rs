@@ -22,6 +22,7 @@ fn load(sequences: u32, scheduler: LlmScheduler) -> Arc<LlmEngine> {
         seed: 42,
         scheduler,
         sequences,
+        ..Default::default()
     };
     Arc::new(LlmEngine::load(&model_path(), settings).expect("test LLM (scripts/install-models.sh)"))
 }

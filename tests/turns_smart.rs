@@ -166,6 +166,57 @@ fn finished_question_is_answered_sooner_than_with_the_timer() {
     );
 }
 
+/// With `turn.prefill_every_ms`, the caller's words so far are evaluated into the LLM's KV
+/// cache while they speak, so the reply evaluates fewer prompt tokens than without. (What the
+/// caller said is not compared: on the test model, Vosk's finals for the same audio differ
+/// between recognizer instances and model loads even without partial results.)
+/// The caller says the sentence twice and the second reply is compared: during the first, the
+/// call's fresh recognizer (the harness warms none) runs behind the caller, and no prefill is
+/// made while Vosk is more than `prefill::MAX_STT_BACKLOG_MS` behind.
+#[test]
+fn prefill_leaves_fewer_prompt_tokens_for_the_reply() {
+    let _g = serial();
+    let wav = audio("book_appointment.8k.wav");
+    let mut runs = Vec::new();
+    for every_ms in [0, 300] {
+        let server = Server::start_with_log(
+            &format!("\n[turn]\nprefill_every_ms = {every_ms}\n"),
+            "info,ort=warn,asterisk_voice_agent::call=debug",
+        );
+        let w = wav.to_str().unwrap();
+        let r = server.simulate(&["--wav", w, "--wav", w, "--reply-end-ms", "5000"]);
+        let call_id = r["call_id"].as_str().unwrap().to_string();
+        assert!(
+            r["turns"][1]["voice_to_voice_ms"].as_f64().is_some(),
+            "no second reply: {r}"
+        );
+        let lines = server.wait_call_line(&call_id, "call ended", 10);
+        let prefills = lines.iter().filter(|l| l.contains("LLM prefilled")).count();
+
+        let e = entries(&server, &call_id);
+        let caller: Vec<Value> = e
+            .iter()
+            .filter(|x| x["speaker"] == "caller")
+            .map(|x| x["text"].clone())
+            .collect();
+        let evaluated = e
+            .iter()
+            .filter_map(|x| x["llm_evaluated_tokens"].as_u64())
+            .nth(1)
+            .unwrap_or_else(|| panic!("no second reply with its evaluated tokens: {e:#?}"));
+        eprintln!("prefill_every_ms {every_ms}: {prefills} prefills, {evaluated} prompt tokens evaluated by the second reply, caller {caller:?}");
+        runs.push((prefills, evaluated, caller));
+    }
+    assert_eq!(runs[0].0, 0, "prefills with prefill_every_ms = 0");
+    assert!(runs[1].0 >= 1, "no prefill during two 3.9 s sentences");
+    assert!(
+        runs[1].1 < runs[0].1,
+        "the reply evaluated {} prompt tokens with the prefill, {} without",
+        runs[1].1,
+        runs[0].1
+    );
+}
+
 /// Under load the STT falls behind the caller: a second utterance can end before the first
 /// one's final transcript arrives (the test tier at 4 calls: Vosk's final 4-6 s after the end).
 /// Each reply must still carry its own end-of-turn decision (`turn_decided_ms`). Here every
@@ -183,7 +234,13 @@ fn each_reply_keeps_its_end_of_turn_decision_when_stt_lags() {
     both.extend_from_slice(&b);
     let wav = dir.path().join("two_sentences.8k.wav");
     write_wav(&wav, &both);
-    let server = Server::start("\n[turn]\nmode = \"silence\"\n[test_faults]\nstt_final_delay_ms = 6000\n");
+    // The filler is put off past the held-back finals: at its default (1.2 s after the
+    // endpoint) it can start just as the second sentence does, whose onset is then taken for
+    // the agent's echo (`barge_in.guard_after_start_ms`) and the sentence is not heard (seen
+    // once in a full-suite run).
+    let server = Server::start(
+        "\n[turn]\nmode = \"silence\"\n[call]\nfiller_after_ms = 10000\n[test_faults]\nstt_final_delay_ms = 6000\n",
+    );
     let r = server.simulate(&["--wav", wav.to_str().unwrap(), "--reply-end-ms", "8000"]);
     let call_id = r["call_id"].as_str().unwrap().to_string();
     server.wait_call_line(&call_id, "call ended", 20);
@@ -248,16 +305,7 @@ fn abandoned_speculative_reply_leaves_nothing_in_the_llm_context() {
         .unwrap(),
     );
     let agent = AgentConfig::default();
-    let history = vec![
-        Message {
-            role: Role::System,
-            text: agent.system_prompt.clone(),
-        },
-        Message {
-            role: Role::Assistant,
-            text: agent.greeting.clone(),
-        },
-    ];
+    let history = asterisk_voice_agent::llm::prologue(&agent);
     let with = |caller: &str| {
         let mut h = history.clone();
         h.push(Message {

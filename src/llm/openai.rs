@@ -123,7 +123,7 @@ impl Session {
 }
 
 impl LlmBackend for Session {
-    fn warm(&self, _messages: Vec<Message>) {}
+    fn warm(&self, _messages: Vec<Message>, _done: super::WarmDone) {}
 
     fn generate(
         &self,

@@ -41,7 +41,11 @@ enum Cmd {
         actions: Option<Arc<ActionSpec>>,
     },
     /// Evaluate these messages into the sequence's cache.
-    Warm { seq: usize, messages: Vec<Message> },
+    Warm {
+        seq: usize,
+        messages: Vec<Message>,
+        done: super::WarmDone,
+    },
     /// Generate a reply.
     Generate {
         seq: usize,
@@ -178,10 +182,11 @@ pub(crate) struct SeqSession {
 }
 
 impl LlmBackend for SeqSession {
-    fn warm(&self, messages: Vec<Message>) {
+    fn warm(&self, messages: Vec<Message>, done: super::WarmDone) {
         let _ = self.tx.send(Cmd::Warm {
             seq: self.seq,
             messages,
+            done,
         });
     }
 
@@ -216,7 +221,7 @@ impl Drop for SeqSession {
 
 /// A queued request of one sequence.
 enum Req {
-    Warm(Vec<Message>),
+    Warm(Vec<Message>, super::WarmDone),
     Generate {
         messages: Vec<Message>,
         max_tokens: u32,
@@ -242,6 +247,8 @@ struct Reply {
 struct Job {
     prompt: Vec<LlamaToken>,
     reply: Option<Reply>,
+    /// A warm-up's completion, dropped with the job.
+    _done: super::WarmDone,
 }
 
 /// One sequence of the shared context.
@@ -283,7 +290,7 @@ fn run(
         .with_kv_unified(true)
         .with_n_batch(BATCH_TOKENS as u32)
         .with_n_threads(s.threads)
-        .with_n_threads_batch(s.threads);
+        .with_n_threads_batch(s.batch_threads.unwrap_or(s.threads));
     let backend = BACKEND.get().expect("backend initialized by LlmEngine::load");
     let ctx = match model.model.new_context(backend, params) {
         Ok(c) => c,
@@ -382,7 +389,7 @@ impl Sched<'_> {
             Cmd::Open { seq, actions } => {
                 self.slots[seq].actions = actions;
             }
-            Cmd::Warm { seq, messages } => self.slots[seq].queue.push_back(Req::Warm(messages)),
+            Cmd::Warm { seq, messages, done } => self.slots[seq].queue.push_back(Req::Warm(messages, done)),
             Cmd::Generate {
                 seq,
                 messages,
@@ -443,9 +450,9 @@ impl Sched<'_> {
             return;
         };
         let actions = slot.actions.clone();
-        let (prompt, reply) = match req {
-            Req::Warm(messages) => match model.tokenize(&messages, false, actions.as_deref()) {
-                Ok(t) if !t.is_empty() && t.len() < n_ctx / 2 => (t, None),
+        let (prompt, reply, done) = match req {
+            Req::Warm(messages, done) => match model.tokenize(&messages, false, actions.as_deref()) {
+                Ok(t) if !t.is_empty() && t.len() < n_ctx / 2 => (t, None, done),
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!("LLM warm-up failed: {e:#}");
@@ -476,7 +483,7 @@ impl Sched<'_> {
                         started,
                         next: None,
                     };
-                    (tokens, Some(reply))
+                    (tokens, Some(reply), None)
                 }
                 Err(e) => {
                     let _ = out.send(LlmEvent::Error(e));
@@ -489,7 +496,11 @@ impl Sched<'_> {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), Some(common as u32), None);
             slot.cached.truncate(common);
         }
-        let mut job = Job { prompt, reply };
+        let mut job = Job {
+            prompt,
+            reply,
+            _done: done,
+        };
         if let Some(r) = &mut job.reply {
             r.stats.evaluated_tokens = job.prompt.len() - common;
         }

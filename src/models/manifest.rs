@@ -131,6 +131,11 @@ impl Manifest {
         Some(self.llm.threads)
     }
 
+    /// llama.cpp threads per call evaluating prompts for the tier (None: as generating).
+    pub fn llm_batch_threads(&self) -> Option<i32> {
+        self.llm.batch_threads
+    }
+
     /// issue 10: the tier's measured simultaneous calls (the default `server.max_calls`).
     pub fn max_calls(&self) -> Option<u32> {
         self.llm.max_calls

@@ -160,8 +160,13 @@ pub struct Requirements {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LlmSettings {
-    /// llama.cpp threads per call.
+    /// llama.cpp threads per call, generating tokens.
     pub threads: i32,
+    /// llama.cpp threads per call evaluating prompts (the caller's words); absent: `threads`.
+    /// A small model generates fastest on one thread (its per-token work is too small to pay
+    /// for the threads' barriers), while a prompt batch splits well (benches/llm_sched.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_threads: Option<i32>,
     /// Context size per call, in tokens.
     pub context: u32,
     /// issue 10: simultaneous calls the tier sustains on its minimum hardware (measured with
