@@ -244,7 +244,6 @@ impl SttEngine {
                 tx: cmd_tx,
                 closed,
                 queued,
-                max_queued: MAX_QUEUED_SECONDS * call_rate_hz as usize,
                 rate_hz: call_rate_hz,
                 dropping: false,
             },
@@ -308,9 +307,8 @@ pub struct SttStream {
     closed: Arc<AtomicBool>,
     /// Samples sent to the thread and not yet decoded.
     queued: Arc<AtomicUsize>,
-    /// [`MAX_QUEUED_SECONDS`] at the call's rate, in samples.
-    max_queued: usize,
-    /// The call's sample rate (Hz); 0 for a detached stream.
+    /// The call's sample rate (Hz), 0 for a detached stream: the queue holds at most
+    /// [`MAX_QUEUED_SECONDS`] of audio at it, and [`Self::backlog_ms`] counts in it.
     rate_hz: u32,
     /// Audio is being dropped (logged once per overflow).
     dropping: bool,
@@ -327,7 +325,6 @@ impl SttStream {
                 tx,
                 closed: Arc::new(AtomicBool::new(false)),
                 queued: Arc::new(AtomicUsize::new(0)),
-                max_queued: usize::MAX,
                 rate_hz: 0,
                 dropping: false,
             },
@@ -339,7 +336,9 @@ impl SttStream {
     /// logs once) while more than [`MAX_QUEUED_SECONDS`] of audio wait for the recognizer.
     pub fn audio(&mut self, samples: Vec<i16>) {
         let queued = self.queued.load(Ordering::Relaxed);
-        if queued + samples.len() > self.max_queued {
+        // A detached stream (rate 0) never decodes: nothing to bound.
+        let max_queued = MAX_QUEUED_SECONDS * self.rate_hz as usize;
+        if self.rate_hz > 0 && queued + samples.len() > max_queued {
             if !self.dropping {
                 self.dropping = true;
                 tracing::warn!(
