@@ -1,8 +1,8 @@
 //! Soak benchmark (issue 7): simulated calls two at a time against the real `serve` with the
 //! test models for `SOAK_MINUTES` (default 30), printing the server's RSS, threads and open
 //! fds every minute (RSS also as the minute's floor and peak, sampled every 250 ms), and at the
-//! end the slope per call after warm-up (the first minute). RSS should stay flat: a slope near
-//! 0 KiB per call. Also glibc malloc's bytes in use (floor of the minute, scraped from
+//! end the slope per call after warm-up (the first minute), and over the second half of the
+//! minutes alone. RSS should stay flat: a slope near 0 KiB per call. Also glibc malloc's bytes in use (floor of the minute, scraped from
 //! `/metrics` every second) and what its arenas hold from the kernel (last scrape of the
 //! minute), which tell growth from fragmentation, and the most Vosk recognizers alive in the
 //! minute (kept in the pool + live calls), whose number steps the in-use bytes up. Not a test:
@@ -164,6 +164,22 @@ fn main() {
         "slope per call after warm-up of malloc's in-use floor (ava_malloc_bytes, bytes still allocated): {:+.2} KiB",
         slope(&heap_rows.iter().skip(1).copied().collect::<Vec<_>>())
     );
+    // Whether the growth levels off: the same slopes over the second half of the minutes only
+    // (a pool of recognizers filling and their caches warming happen early).
+    let half = rows.len() / 2;
+    if rows.len() >= 4 {
+        let late = |f: fn(&(f64, f64, f64, f64, f64)) -> f64| {
+            slope(&rows[half..].iter().map(|r| (r.0, f(r))).collect::<Vec<_>>())
+        };
+        println!(
+            "slope per call over the second half (minutes {}-{}): RSS {:+.2} KiB (floor {:+.2} KiB), malloc's in-use floor {:+.2} KiB",
+            half + 1,
+            rows.len(),
+            late(|r| r.1),
+            late(|r| r.4),
+            slope(&heap_rows[half..])
+        );
+    }
     println!(
         "peak RSS (VmHWM): {} MiB; figures from a shared 2-core machine when run there",
         status(pid, "VmHWM:") / 1024

@@ -3,7 +3,8 @@
 # for a bounded time: SECONDS per target (default 300). Not part of CI. Needs the nightly
 # toolchain; installs cargo-fuzz from crates.io when missing. Findings (crashing inputs) land in
 # fuzz/artifacts/TARGET/; the corpus in fuzz/corpus/TARGET/ (seeded from the real Asterisk
-# captures for the codec).
+# captures for the codec). The last lines of each run are libFuzzer's final stats (number of
+# executed units, peak RSS): the figures a fuzzing report quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS="${1:-300}"
@@ -19,5 +20,5 @@ printf 'agi_network: yes\nagi_network_script: call-start\nagi_callerid: 100\nagi
 cargo +nightly fuzz build --fuzz-dir fuzz
 for t in frame agi; do
   echo "== fuzzing $t for ${SECS}s"
-  cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=2048 2>&1 | tail -n 15
+  cargo +nightly fuzz run --fuzz-dir fuzz "$t" "fuzz/corpus/$t" -- -max_total_time="$SECS" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 40
 done
