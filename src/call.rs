@@ -883,15 +883,26 @@ impl Call {
         self.last_activity = now;
         self.filler_due = None;
         let speaking = !self.queue.is_empty();
-        let since_start = self.agent_started.map(|t| (now - t).as_millis() as u32);
-        let since_stop = self.agent_stopped.map(|t| (now - t).as_millis() as u32);
-        if speaking && since_start.is_some_and(|ms| ms < b.guard_after_start_ms) {
-            debug!(onset_ms, "speech onset right after the agent started: treated as echo");
-            self.ignoring_utterance = true;
-            return;
-        }
-        if !speaking && since_stop.is_some_and(|ms| ms < b.guard_after_stop_ms) {
-            debug!(onset_ms, "speech onset right after the agent stopped: treated as echo");
+        let ms_since = |t: Instant| (now - t).as_millis() as u32;
+        let agent = if speaking {
+            // Queued but not yet written (the tick comes within 20 ms): it starts now.
+            crate::echo_guard::AgentAudio::Playing {
+                since_start_ms: self.agent_started.map_or(0, ms_since),
+            }
+        } else {
+            crate::echo_guard::AgentAudio::Silent {
+                since_stop_ms: self.agent_stopped.map(ms_since),
+            }
+        };
+        if let Some(why) = crate::echo_guard::classify(onset_ms, agent, b) {
+            match why {
+                crate::echo_guard::Echo::AfterStart => {
+                    debug!(onset_ms, "speech onset right after the agent started: treated as echo")
+                }
+                crate::echo_guard::Echo::AfterStop => {
+                    debug!(onset_ms, "speech onset right after the agent stopped: treated as echo")
+                }
+            }
             self.ignoring_utterance = true;
             return;
         }
@@ -1151,8 +1162,7 @@ impl Call {
         if self.turn.is_some() {
             self.stop_agent(true);
         }
-        self.history.push(Message { role: Role::User, text });
-        self.trim_history();
+        self.commit_user_turn(text);
         let messages = self.history.clone();
         let timings = TurnTimings {
             stt_final_ms,
@@ -1160,11 +1170,6 @@ impl Call {
             ..Default::default()
         };
         self.spawn_reply(messages, timings, None);
-    }
-
-    /// Drops the oldest exchanges beyond `agent.history_turns`.
-    fn trim_history(&mut self) {
-        trim_messages(&mut self.history, self.shared.cfg.agent.history_turns);
     }
 
     /// Starts a reply job for `messages`; `speculative` holds its audio until committed.

@@ -33,10 +33,12 @@ impl Call {
         }
     }
 
-    /// The LLM may take a prefill now: a session exists, no reply is in flight or playing, and
-    /// Vosk keeps up with the caller ([`crate::prefill::MAX_STT_BACKLOG_MS`]).
+    /// The LLM may take a prefill now: a session with a local KV cache exists (not the OpenAI
+    /// backend, where a prefill would do nothing and asking Vosk for partials would be waste),
+    /// no reply is in flight or playing, and Vosk keeps up with the caller
+    /// ([`crate::prefill::MAX_STT_BACKLOG_MS`]).
     fn prefill_idle(&self) -> bool {
-        self.llm.is_some()
+        self.llm.as_ref().is_some_and(|l| l.has_kv_cache())
             && self.turn.is_none()
             && self.queue.is_empty()
             && self.ending.is_none()
@@ -72,6 +74,13 @@ impl Call {
         });
         super::trim_messages(&mut messages, self.shared.cfg.agent.history_turns);
         messages
+    }
+
+    /// The caller's turn `text` enters the history, trimmed to `agent.history_turns`: what
+    /// [`Self::prompt_with`] computes without keeping it.
+    pub(super) fn commit_user_turn(&mut self, text: String) {
+        self.history.push(Message { role: Role::User, text });
+        super::trim_messages(&mut self.history, self.shared.cfg.agent.history_turns);
     }
 
     pub(super) fn is_speculative(&self) -> bool {
@@ -159,6 +168,14 @@ impl Call {
                 );
             }
             turn::Action::AskTextSoFar { pause } => {
+                let backlog_ms = self.stt.backlog_ms();
+                if backlog_ms > crate::prefill::MAX_STT_BACKLOG_MS {
+                    // Vosk's final decode at the pause would put it further behind the caller
+                    // (at 4 calls on 2 cores it starved the recognizers), and its text would
+                    // come after the turn is decided anyway: no speculative reply this pause.
+                    debug!(pause, backlog_ms, "STT is behind the caller: no speculative reply");
+                    return;
+                }
                 debug!(
                     pause,
                     silence_ms = self.vad.trailing_silence_ms(),
@@ -241,11 +258,7 @@ impl Call {
         }
         info!(ready_sentences = held.len(), "speculative reply committed");
         self.queue.extend(held);
-        self.history.push(Message {
-            role: Role::User,
-            text: text.to_string(),
-        });
-        self.trim_history();
+        self.commit_user_turn(text.to_string());
         self.maybe_finish_turn();
         true
     }

@@ -39,9 +39,9 @@ pub fn classify(onset_ms: u32, agent: AgentAudio, cfg: &BargeInConfig) -> Option
         AgentAudio::Playing { since_start_ms } => {
             (since_start_ms < cfg.guard_after_start_ms && onset_ms < since_start_ms).then_some(Echo::AfterStart)
         }
-        AgentAudio::Silent { since_stop_ms } => {
-            since_stop_ms.is_some_and(|ms| ms < cfg.guard_after_stop_ms).then_some(Echo::AfterStop)
-        }
+        AgentAudio::Silent { since_stop_ms } => since_stop_ms
+            .is_some_and(|ms| ms < cfg.guard_after_stop_ms)
+            .then_some(Echo::AfterStop),
     }
 }
 
@@ -83,9 +83,13 @@ mod tests {
 
     #[test]
     fn onset_in_the_echo_tail_is_echo() {
-        let tail = AgentAudio::Silent { since_stop_ms: Some(100) };
+        let tail = AgentAudio::Silent {
+            since_stop_ms: Some(100),
+        };
         assert_eq!(classify(64, tail, &cfg()), Some(Echo::AfterStop));
-        let later = AgentAudio::Silent { since_stop_ms: Some(150) };
+        let later = AgentAudio::Silent {
+            since_stop_ms: Some(150),
+        };
         assert_eq!(classify(64, later, &cfg()), None);
         let never = AgentAudio::Silent { since_stop_ms: None };
         assert_eq!(classify(64, never, &cfg()), None);

@@ -34,6 +34,7 @@ pub mod vad;
 // issue 7: bounded under bad input, load and faults
 pub mod admission;
 pub mod deadair;
+pub mod echo_guard;
 pub mod logsafe;
 // issue 9: what the admin sees
 pub mod history;

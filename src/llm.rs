@@ -638,7 +638,7 @@ pub struct LlmSession {
     inner: Box<dyn LlmBackend>,
     /// Keeps the engine (and the batched scheduler's thread) alive while the session is:
     /// dropped after `inner`, whose drop frees the sequence first.
-    _engine: Arc<LlmEngine>,
+    engine: Arc<LlmEngine>,
 }
 
 impl LlmSession {
@@ -671,7 +671,14 @@ impl LlmSession {
             }
             Backend::Openai(client) => Box::new(openai::Session::new(client.clone(), actions)),
         };
-        Ok(LlmSession { inner, _engine: engine })
+        Ok(LlmSession { inner, engine })
+    }
+
+    /// True when the session keeps a KV cache here (the local backends), so warming and
+    /// prefilling it save the reply work; false for the OpenAI backend, whose server keeps its
+    /// own prompt cache and for which [`LlmSession::prefill`] does nothing.
+    pub fn has_kv_cache(&self) -> bool {
+        !matches!(self.engine.backend, Backend::Openai(_))
     }
 
     /// Evaluates `messages` (e.g. the system prompt and the greeting) into the KV cache in the

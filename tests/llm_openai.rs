@@ -159,10 +159,11 @@ fn a_call_is_answered_through_an_openai_compatible_server() {
     let _g = serial();
     let llama = LlamaServer::start();
     // No local GGUF is needed with this backend: a path that does not exist is not looked at.
-    let server = Server::start(&openai_config(
-        llama.port,
-        "[models]\nllm = \"/nonexistent/no-local-model.gguf\"\n",
-    ));
+    // DEBUG for the call: a prefill would log "LLM prefilled" (there is none to make here).
+    let server = Server::start_with_log(
+        &openai_config(llama.port, "[models]\nllm = \"/nonexistent/no-local-model.gguf\"\n"),
+        "info,ort=warn,asterisk_voice_agent::call=debug",
+    );
     // Held on the line: on a loaded machine the filler may come first and end the reply wait.
     let r = server.simulate(&[
         "--wav",
@@ -185,6 +186,9 @@ fn a_call_is_answered_through_an_openai_compatible_server() {
     let log = server.log();
     assert!(log.contains("LLM reply done"), "{log}");
     assert!(!log.contains("LLM attempt failed"), "{log}");
+    // The server keeps its own prompt cache: no prefill is asked of this backend, whose
+    // prefill does nothing (and no Vosk partials are fetched for it).
+    assert!(!log.contains("LLM prefilled"), "{log}");
 }
 
 #[test]
