@@ -545,6 +545,11 @@ pub struct TtsConfig {
     pub length_scale: Option<f32>,
     /// Output gain applied to the synthesized audio. Default 1.0.
     pub gain: f32,
+    /// ONNX Runtime's CPU memory arena (and memory patterns) for the voice. Default false:
+    /// with it, each sentence length's buffers stayed in the arena and the process grew
+    /// (400 varied sentences: RSS 228 -> 524 MiB; without: 185-256 MiB, back to ~190 between
+    /// sentences) for ~8 % faster synthesis (real-time factor 0.135 vs 0.146 on 2 cores).
+    pub memory_arena: bool,
 }
 
 impl Default for TtsConfig {
@@ -552,6 +557,7 @@ impl Default for TtsConfig {
         TtsConfig {
             length_scale: None,
             gain: 1.0,
+            memory_arena: false,
         }
     }
 }

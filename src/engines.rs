@@ -232,6 +232,7 @@ impl Engines {
             length_scale: cfg.tts.length_scale,
             gain: cfg.tts.gain,
             threads: 1,
+            memory_arena: cfg.tts.memory_arena,
         };
         // issue 10: the fallback model is used rarely: per-call contexts, created on first use,
         // cost nothing until then (a shared one would hold max_calls KV sequences from start).

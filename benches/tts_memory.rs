@@ -1,0 +1,124 @@
+//! Piper's memory through ONNX Runtime (issue 7: RSS flat after warm-up): synthesizes the same
+//! N varied sentences (2-25 words, a fixed pseudo-random sequence) with the voice's session
+//! loaded twice, ONNX Runtime's CPU memory arena off (`tts.memory_arena = false`, the default)
+//! and on, and prints every 50 sentences the process's RSS, glibc malloc's bytes in use and
+//! what its arenas hold, and the synthesis real-time factor so far. Each variant runs in its
+//! own child process, so the first does not leave memory behind for the second. Not a test:
+//! it asserts nothing.
+//!
+//! Run: `cargo bench --bench tts_memory` (after `scripts/install-models.sh`); `TTS_SENTENCES`
+//! (default 400).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use asterisk_voice_agent::tts::{TtsEngine, TtsSettings};
+
+const WORDS: [&str; 23] = [
+    "sure",
+    "appointment",
+    "tomorrow",
+    "morning",
+    "the",
+    "office",
+    "opens",
+    "at",
+    "nine",
+    "o'clock",
+    "and",
+    "closes",
+    "late",
+    "on",
+    "Fridays",
+    "please",
+    "hold",
+    "while",
+    "I",
+    "check",
+    "your",
+    "booking",
+    "number",
+];
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `i`-th sentence of the fixed sequence: 2-25 words.
+fn sentences(n: usize) -> Vec<String> {
+    let mut seed = 12345u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    (0..n)
+        .map(|_| {
+            let len = 2 + next() % 24;
+            let words: Vec<&str> = (0..len).map(|_| WORDS[next() % WORDS.len()]).collect();
+            format!("{}.", words.join(" "))
+        })
+        .collect()
+}
+
+fn run(arena: bool, n: usize) {
+    let models = common::models_dir();
+    let voice = models.join("en_US-joe-medium/en_US-joe-medium.onnx");
+    let espeak = asterisk_voice_agent::engines::find_espeak_data(None).expect("espeak-ng-data");
+    let settings = TtsSettings {
+        length_scale: None,
+        gain: 1.0,
+        threads: 1,
+        memory_arena: arena,
+    };
+    let ort = common::ava_home().join("lib/libonnxruntime.so.1");
+    let tts = TtsEngine::load(&voice, &ort, &espeak, settings).expect("voice loads");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("tts.memory_arena = {arena}: {n} sentences");
+    println!(
+        "{:>6} {:>9} {:>12} {:>12} {:>7}",
+        "sent", "RSS_MiB", "in_use_MiB", "arenas_MiB", "RTF"
+    );
+    let (mut synth_ms, mut audio_s) = (0u64, 0f64);
+    for (i, s) in sentences(n).iter().enumerate() {
+        let speech = rt.block_on(tts.synthesize(s, 8000)).expect("synthesis");
+        synth_ms += speech.synth_ms;
+        audio_s += speech.samples.len() as f64 / 8000.0;
+        if i % 50 == 0 || i + 1 == n {
+            let (in_use, arenas) =
+                asterisk_voice_agent::metrics::malloc_stats().map_or((0, 0), |m| (m.in_use, m.arenas));
+            println!(
+                "{:>6} {:>9.1} {:>12.1} {:>12.1} {:>7.3}",
+                i + 1,
+                rss_kib() as f64 / 1024.0,
+                in_use as f64 / 1048576.0,
+                arenas as f64 / 1048576.0,
+                synth_ms as f64 / 1000.0 / audio_s
+            );
+        }
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("TTS_SENTENCES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    if let Ok(which) = std::env::var("TTS_MEMORY_CHILD") {
+        run(which == "on", n);
+        return;
+    }
+    for which in ["off", "on"] {
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("TTS_MEMORY_CHILD", which)
+            .status()
+            .expect("child bench");
+        assert!(status.success(), "the {which} run failed");
+    }
+}
