@@ -293,6 +293,10 @@ fn trim_messages(messages: &mut Vec<Message>, history_turns: usize) {
     }
 }
 
+/// The dead-air policy's turn id while the final transcript is awaited (real ids count up
+/// from 0).
+const AWAITING_STT_TURN: u64 = u64::MAX;
+
 /// How the call ends once the queued audio has played.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ending {
@@ -431,8 +435,10 @@ struct Call {
     /// first: the silence (ms) after the caller's last voiced frame when its turn was decided.
     /// Finals arrive in utterance order, so each final takes the front one; under load a
     /// caller can end a second utterance before the first one's final (issue 8: a single slot
-    /// here lost the figure at 4 calls). At most [`MAX_PENDING_DECIDED`] entries.
-    decided_silence_ms: VecDeque<u64>,
+    /// here lost the figure at 4 calls). At most [`MAX_PENDING_DECIDED`] entries. Beside it,
+    /// when the turn was decided: while a final is awaited, the dead-air deadline runs from
+    /// the oldest one (issue 7: a late STT final left the caller in silence after the filler).
+    decided_silence_ms: VecDeque<(u64, Instant)>,
     /// Speculative replies dropped in this call.
     speculative_dropped: u32,
 }
@@ -679,12 +685,18 @@ impl Call {
             self.play_prompt(&filler, "filler");
         }
         if self.ending.is_none() {
-            let waiting = self
-                .turn
-                .as_ref()
-                .filter(|t| !t.audio_queued)
-                .map(|t| (t.id, t.t_final));
-            let deadlines = Deadlines::from_config(&cfg.call);
+            let mut deadlines = Deadlines::from_config(&cfg.call);
+            let waiting = match &self.turn {
+                Some(t) => (!t.audio_queued).then_some((t.id, t.t_final)),
+                // No reply yet because STT has not given the final text (a recognizer behind
+                // the caller): the same second filler, counted from the end of the turn, so the
+                // caller does not sit in silence after the first filler. Not given up here: the
+                // final is coming, and its reply gets the usual deadline from then.
+                None => self.decided_silence_ms.front().map(|&(_, at)| {
+                    deadlines.give_up = Duration::MAX;
+                    (AWAITING_STT_TURN, at)
+                }),
+            };
             match self.dead_air.tick(now, waiting, self.queue.is_empty(), &deadlines) {
                 DeadAirAction::Wait => {}
                 DeadAirAction::SecondFiller => {
@@ -958,7 +970,7 @@ impl Call {
             // Only if STT never answers (no recognizer): keep the newest.
             self.decided_silence_ms.pop_front();
         }
-        self.decided_silence_ms.push_back(decided_ms as u64);
+        self.decided_silence_ms.push_back((decided_ms as u64, Instant::now()));
         self.turn_event(turn::Event::VadEnd);
         self.utterance.clear();
         self.stt.audio(samples);
@@ -1128,7 +1140,7 @@ impl Call {
         let decided = if text.starts_with("[keypad]") {
             None
         } else {
-            self.decided_silence_ms.pop_front()
+            self.decided_silence_ms.pop_front().map(|(ms, _)| ms)
         };
         for action in actions {
             match action {

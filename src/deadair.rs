@@ -5,6 +5,8 @@
 //! `call.max_reprompts` given-up replies in a row it hands the call off (a transfer to
 //! `call.handoff_transfer`, else the apology and a hangup). So no path leaves the caller in
 //! silence for much more than the gap between two of these steps (about 1.5 s by default).
+//! Before the final text is in (STT behind the caller) the call feeds the same clock from the
+//! end of the turn with no give-up, so the second filler still comes.
 
 use crate::config::CallConfig;
 use std::time::{Duration, Instant};

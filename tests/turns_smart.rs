@@ -257,6 +257,31 @@ fn each_reply_keeps_its_end_of_turn_decision_when_stt_lags() {
     }
 }
 
+/// issue 7 (no dead air): a final transcript that comes late (an STT behind the caller) does
+/// not leave the caller in silence after the first filler. The dead-air deadline had counted
+/// from the final text only, so until it came there was no second filler, and a caller who
+/// waited 3 s after "One moment." hung up (seen as a flaky `turns` test under load). Now the
+/// second filler plays, counted from the end of the turn, before the final arrives.
+#[test]
+fn a_late_final_transcript_still_gets_the_second_filler() {
+    let _g = serial();
+    let server = Server::start("\n[turn]\nmode = \"silence\"\n[test_faults]\nstt_final_delay_ms = 6000\n");
+    let wav = audio("book_appointment.8k.wav");
+    let r = server.simulate(&["--wav", wav.to_str().unwrap(), "--reply-end-ms", "9000"]);
+    let call_id = r["call_id"].as_str().unwrap().to_string();
+    server.wait_call_line(&call_id, "call ended", 20);
+    let e = entries(&server, &call_id);
+    let prompt = |name: &str| e.iter().position(|x| x["prompt"] == name);
+    let caller = e.iter().position(|x| x["speaker"] == "caller");
+    assert!(prompt("filler").is_some(), "no filler: {e:#?}");
+    let second = prompt("second_filler").unwrap_or_else(|| panic!("no second filler: {e:#?}"));
+    let caller = caller.unwrap_or_else(|| panic!("the caller's words are not in the log: {e:#?}"));
+    assert!(
+        second < caller,
+        "the second filler came only after the final text: {e:#?}"
+    );
+}
+
 fn model_path() -> PathBuf {
     common::models_dir().join("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
