@@ -907,14 +907,7 @@ impl Call {
             }
         };
         if let Some(why) = crate::echo_guard::classify(onset_ms, agent, b) {
-            match why {
-                crate::echo_guard::Echo::AfterStart => {
-                    debug!(onset_ms, "speech onset right after the agent started: treated as echo")
-                }
-                crate::echo_guard::Echo::AfterStop => {
-                    debug!(onset_ms, "speech onset right after the agent stopped: treated as echo")
-                }
-            }
+            debug!(onset_ms, ?why, "speech onset treated as echo");
             self.ignoring_utterance = true;
             return;
         }

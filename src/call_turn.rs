@@ -42,7 +42,13 @@ impl Call {
             && self.turn.is_none()
             && self.queue.is_empty()
             && self.ending.is_none()
-            && self.stt.backlog_ms() <= crate::prefill::MAX_STT_BACKLOG_MS
+            && self.stt_keeps_up()
+    }
+
+    /// Vosk is at most [`crate::prefill::MAX_STT_BACKLOG_MS`] behind the caller: work at a
+    /// pause (a prefill, the speculative reply's final decode) would not starve it.
+    fn stt_keeps_up(&self) -> bool {
+        self.stt.backlog_ms() <= crate::prefill::MAX_STT_BACKLOG_MS
     }
 
     /// Counts `audio_ms` of the open utterance toward the next prefill, and asks STT for the
@@ -168,11 +174,11 @@ impl Call {
                 );
             }
             turn::Action::AskTextSoFar { pause } => {
-                let backlog_ms = self.stt.backlog_ms();
-                if backlog_ms > crate::prefill::MAX_STT_BACKLOG_MS {
+                if !self.stt_keeps_up() {
                     // Vosk's final decode at the pause would put it further behind the caller
                     // (at 4 calls on 2 cores it starved the recognizers), and its text would
                     // come after the turn is decided anyway: no speculative reply this pause.
+                    let backlog_ms = self.stt.backlog_ms();
                     debug!(pause, backlog_ms, "STT is behind the caller: no speculative reply");
                     return;
                 }
