@@ -14,7 +14,7 @@
 //! scripts/deps-admin.sh; default `none`).
 //! `BENCH_WARMUP=1` (default): before the measured round, the same number of calls say one
 //! utterance each, so the measured calls get warmed recognizers from the pool, as on a server
-//! that has taken calls before (stt::RecognizerPool); `startup`: no such round, but the
+//! that has taken calls before (src/recognizer_pool.rs); `startup`: no such round, but the
 //! measured round waits for the recognizers warmed at start-up (`server.warm_recognizers`);
 //! `0`: the measured calls start as soon as the server is ready.
 //! `BENCH_TURN=silence,smart,smart+spec` (issue 8: `[turn] mode` values compared in the same

@@ -31,13 +31,15 @@ fn status(pid: u32, key: &str) -> u64 {
 /// issue 7: glibc malloc's `(in_use, arenas)` bytes from the server's `/metrics`
 /// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident,
 /// and the Vosk recognizers alive (`ava_stt_recognizers_idle` + `ava_active_calls`: each live
-/// call holds one once its audio started).
-fn malloc_bytes(http: &str) -> Option<(f64, f64, f64)> {
+/// call holds one once its audio started), and the worn recognizers replaced so far
+/// (`ava_stt_recognizers_replaced_total`, `server.recognizer_max_calls`).
+fn malloc_bytes(http: &str) -> Option<(f64, f64, f64, f64)> {
     let m = scrape_metrics(http);
     let get = |kind: &str| m.get(&format!("ava_malloc_bytes{{kind=\"{kind}\"}}")).copied();
     let recognizers =
         m.get("ava_stt_recognizers_idle").copied().unwrap_or(0.0) + m.get("ava_active_calls").copied().unwrap_or(0.0);
-    Some((get("in_use")?, get("arenas")?, recognizers))
+    let replaced = m.get("ava_stt_recognizers_replaced_total").copied().unwrap_or(0.0);
+    Some((get("in_use")?, get("arenas")?, recognizers, replaced))
 }
 
 fn fds(pid: u32) -> u64 {
@@ -67,7 +69,7 @@ fn main() {
         fds(pid)
     );
     println!(
-        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8} {:>11} {:>10} {:>11}",
+        "{:>4} {:>6} {:>9} {:>9} {:>9} {:>8} {:>5} {:>8} {:>11} {:>10} {:>11} {:>8}",
         "min",
         "calls",
         "RSS_MiB",
@@ -78,7 +80,8 @@ fn main() {
         "no_reply",
         "heap_floor",
         "arenas",
-        "recognizers"
+        "recognizers",
+        "replaced"
     );
     let calls = AtomicUsize::new(0);
     let missing = AtomicUsize::new(0);
@@ -109,16 +112,18 @@ fn main() {
             let mut peak = 0;
             // malloc's in-use bytes every second (a scrape walks every arena): its floor too.
             let (mut heap_floor, mut held, mut recognizers) = (f64::INFINITY, f64::NAN, 0.0f64);
+            let mut replaced = 0.0f64;
             let mut tick = 0u32;
             while Instant::now() < wake {
                 let kb = status(pid, "VmRSS:");
                 floor = floor.min(kb);
                 peak = peak.max(kb);
                 if tick % 4 == 0 {
-                    if let Some((in_use, arenas, r)) = malloc_bytes(&http) {
+                    if let Some((in_use, arenas, r, worn)) = malloc_bytes(&http) {
                         heap_floor = heap_floor.min(in_use / 1024.0);
                         held = arenas / 1024.0;
                         recognizers = recognizers.max(r);
+                        replaced = worn;
                     }
                 }
                 tick += 1;
@@ -132,7 +137,7 @@ fn main() {
                 floor as f64,
             );
             println!(
-                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8} {:>11.1} {:>10.1} {:>11}",
+                "{m:>4} {:>6} {:>9.1} {:>9.1} {:>9.1} {:>8} {:>5} {:>8} {:>11.1} {:>10.1} {:>11} {:>8}",
                 row.0,
                 row.1 / 1024.0,
                 row.4 / 1024.0,
@@ -142,7 +147,8 @@ fn main() {
                 missing.load(Ordering::Relaxed),
                 heap_floor / 1024.0,
                 held / 1024.0,
-                recognizers
+                recognizers,
+                replaced
             );
             rows.push(row);
             heap_rows.push((row.0, heap_floor));

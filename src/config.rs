@@ -360,9 +360,17 @@ pub struct ServerConfig {
     pub write_timeout_ms: u64,
     /// STT recognizers warmed at start-up, in the background at low priority, by decoding the
     /// rendered prompts, for the first calls after a start (a fresh Vosk recognizer on a
-    /// lookahead model is several times slower on its first utterance: `stt::RecognizerPool`).
+    /// lookahead model is several times slower on its first utterance: `crate::recognizer_pool`).
     /// At most `max_calls`. Default 2; 0 turns it off.
     pub warm_recognizers: usize,
+    /// A Vosk recognizer kept between calls is replaced after serving this many calls: its
+    /// lookahead composition caches grow with the speech it has decoded and never shrink
+    /// (issue 7: heaptrack put the soak's memory growth there). The replacement is warmed in
+    /// the background on the rendered prompts and takes over once ready. Read at start-up.
+    /// Default 0 (never): measured with glibc's allocator, replacing costs more RSS than it
+    /// saves (the worn recognizer's memory is freed but stays in malloc's arenas, and the
+    /// fresh one rebuilds its caches at once; README, soak).
+    pub recognizer_max_calls: u32,
     /// issue 10: whether `max_calls` was given in the file (else the tier's value applies).
     #[serde(skip)]
     pub max_calls_set: bool,
@@ -377,6 +385,7 @@ impl Default for ServerConfig {
             max_pending: 16,
             write_timeout_ms: 3000,
             warm_recognizers: 2,
+            recognizer_max_calls: 0,
             max_calls_set: false,
         }
     }

@@ -20,6 +20,7 @@ pub mod events;
 pub mod llm;
 pub mod models;
 pub mod onnx;
+pub mod recognizer_pool;
 pub mod server;
 pub mod silero;
 pub mod simulate;

@@ -35,8 +35,11 @@ pub struct Metrics {
     /// blocks mapped one by one). With RSS, tells fragmentation from growth.
     pub malloc_bytes: IntGaugeVec,
     /// `ava_stt_recognizers_idle`: Vosk recognizers kept for the next calls (reset, warmed by
-    /// earlier calls or at start-up; `crate::stt::RecognizerPool`), set when one is taken or kept.
+    /// earlier calls or at start-up; `crate::recognizer_pool`), set when one is taken or kept.
     pub stt_recognizers_idle: IntGauge,
+    /// `ava_stt_recognizers_replaced_total`: worn Vosk recognizers (`server.recognizer_max_calls`
+    /// calls served) dropped for a fresh one warmed in the background (`crate::recognizer_pool`).
+    pub stt_recognizers_replaced: IntCounter,
     /// `ava_voice_to_voice_seconds`: agent-side voice-to-voice latency of each reply: end of
     /// caller speech -> first reply audio queued for playout (= endpoint wait + STT final +
     /// final text -> first audio); the playout adds at most one 20 ms frame.
@@ -136,6 +139,13 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(stt_recognizers_idle.clone()))
             .expect("unique metric");
+        let stt_recognizers_replaced = IntCounter::new(
+            "ava_stt_recognizers_replaced_total",
+            "Worn Vosk recognizers replaced by a fresh one warmed in the background.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(stt_recognizers_replaced.clone()))
+            .expect("unique metric");
         let stage = HistogramVec::new(
             HistogramOpts::new(
                 "ava_stage_seconds",
@@ -152,6 +162,7 @@ impl Metrics {
             active_calls,
             malloc_bytes,
             stt_recognizers_idle,
+            stt_recognizers_replaced,
             voice_to_voice: histogram(
                 &r,
                 "ava_voice_to_voice_seconds",

@@ -146,7 +146,8 @@ pub async fn render_prompts(engines: &Engines, cfg: &Config) -> Result<()> {
 
 /// Starts warming `server.warm_recognizers` (at most `max_calls`) STT recognizers in the
 /// background on the rendered prompts at 16 kHz (the greeting, then the others, at most 10 s
-/// of speech). A failure only loses the warm-up (logged).
+/// of speech), kept to warm the replacements of worn recognizers
+/// (`server.recognizer_max_calls`). A failure only loses the warm-up (logged).
 fn warm_recognizers(engines: &Engines, cfg: &Config) {
     let count = cfg.server.warm_recognizers.min(cfg.server.max_calls);
     let c = &cfg.call;
@@ -163,7 +164,10 @@ fn warm_recognizers(engines: &Engines, cfg: &Config) {
         }
     }
     speech.truncate(16000 * 10);
-    if let Err(e) = engines.stt.warm_up(speech, 16000, count) {
+    if let Err(e) = engines
+        .stt
+        .warm_up(speech, 16000, count, cfg.server.recognizer_max_calls)
+    {
         warn!("could not warm the STT recognizers: {e:#}");
     }
 }

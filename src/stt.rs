@@ -1,9 +1,10 @@
 //! Speech-to-text with Vosk: one loaded model shared by all calls ([`SttEngine`]) and one
 //! recognizer per call on its own thread ([`SttStream`]), fed the caller's audio as it arrives
 //! and asked for the final text when the VAD declares the end of an utterance. Recognizers are
-//! kept for the next call when a call ends ([`RecognizerPool`]).
+//! kept for the next call when a call ends ([`crate::recognizer_pool`]).
 
 use crate::audio::StreamResampler;
+use crate::recognizer_pool::{Pooled, RecognizerPool, Returned};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,97 +21,168 @@ pub struct SttEngine {
     /// The model folder.
     pub path: PathBuf,
     /// Recognizers of ended calls, reset, for the next calls.
-    pool: Arc<RecognizerPool>,
+    pool: Arc<Pool>,
 }
 
-/// Recognizers kept between calls, at most [`RecognizerPool::MAX`].
+/// Speech that warms a fresh recognizer: mono samples and their rate (Hz).
+type WarmSpeech = Arc<(Vec<i16>, u32)>;
+
+/// Recognizers kept between calls ([`crate::recognizer_pool`]), and the speech that warms a
+/// fresh one.
 ///
-/// A fresh libvosk recognizer is slow on its first utterances with a lookahead model (`Gr.fst`
-/// + `HCLr.fst`, as the small Vosk models and the test tier's Korean one ship): measured with
-/// libvosk 0.3.45 on this project's 2-core machine, a fresh recognizer decoded a 3.9 s utterance
+/// A fresh libvosk recognizer is slow on its first utterances with a lookahead model
+/// (`Gr.fst` and `HCLr.fst`, as the small Vosk models and the test tier's Korean one ship):
+/// measured with libvosk 0.3.45 on this project's 2-core machine, a fresh recognizer decoded a 3.9 s utterance
 /// at a real-time factor of 1.8-2.1 with one 20 ms chunk taking ~3 s; the same recognizer,
 /// reset after the utterance, decoded the next ones at 0.2-0.9 (its on-the-fly composition
 /// caches are kept by `vosk_recognizer_reset`). Creating one also costs ~300 ms. So a
 /// recognizer is reset and kept when its call ends, and the next call starts with it; and
 /// `server.warm_recognizers` are warmed at start-up ([`SttEngine::warm_up`]). The pool holds
 /// at most as many recognizers as were ever in use at once plus those warmed (each bounded by
-/// `server.max_calls`), and at most `MAX`.
+/// `server.max_calls`), and at most [`RecognizerPool::MAX`]. Those caches also grow with use
+/// and never shrink: with `server.recognizer_max_calls` set (default 0, never), a recognizer
+/// is replaced after that many calls by a fresh one warmed in the background on the same
+/// speech.
 #[derive(Default)]
-pub struct RecognizerPool {
-    idle: Mutex<Vec<vosk::Recognizer>>,
+struct Pool {
+    inner: Mutex<RecognizerPool<vosk::Recognizer>>,
+    /// The rendered prompts (mono samples, their rate in Hz) that warm a fresh recognizer;
+    /// none before [`SttEngine::warm_up`].
+    warm_speech: Mutex<Option<WarmSpeech>>,
 }
 
-impl RecognizerPool {
-    /// Most recognizers kept idle.
-    pub const MAX: usize = 32;
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecognizerPool<vosk::Recognizer>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
-    fn take(&self) -> Option<vosk::Recognizer> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let rec = idle.pop();
-        crate::metrics::METRICS.stt_recognizers_idle.set(idle.len() as i64);
+    fn take(&self) -> Option<Pooled<vosk::Recognizer>> {
+        let mut pool = self.lock();
+        let rec = pool.take();
+        crate::metrics::METRICS.stt_recognizers_idle.set(pool.idle() as i64);
         rec
     }
 
-    /// Resets `rec` (the decoder state; its caches stay) and keeps it, unless `MAX` are kept.
-    fn give_back(&self, mut rec: vosk::Recognizer) {
-        rec.reset();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < Self::MAX {
-            idle.push(rec);
+    /// Resets `rec` (the decoder state; its caches stay) and keeps it, unless it is dropped
+    /// (the pool is full, or it was worn out and its replacement is ready). Says whether a
+    /// replacement should be built.
+    fn give_back(&self, mut p: Pooled<vosk::Recognizer>) -> Returned {
+        p.rec.reset();
+        let (returned, dropped) = {
+            let mut pool = self.lock();
+            let r = pool.give_back(p);
+            crate::metrics::METRICS.stt_recognizers_idle.set(pool.idle() as i64);
+            r
+        };
+        drop(dropped);
+        if returned == Returned::Retired {
+            crate::metrics::METRICS.stt_recognizers_replaced.inc();
         }
-        crate::metrics::METRICS.stt_recognizers_idle.set(idle.len() as i64);
+        returned
+    }
+
+    /// A fresh warmed recognizer joins the pool (see [`RecognizerPool::add_fresh`]).
+    fn add_fresh(&self, rec: vosk::Recognizer, replaces: bool) {
+        let dropped = {
+            let mut pool = self.lock();
+            let r = pool.add_fresh(rec, replaces);
+            crate::metrics::METRICS.stt_recognizers_idle.set(pool.idle() as i64);
+            r
+        };
+        if dropped.is_some() && replaces {
+            crate::metrics::METRICS.stt_recognizers_replaced.inc();
+        }
     }
 }
 
-impl SttEngine {
-    /// Warms `count` recognizers for the first calls: on one background thread at the lowest
-    /// priority (nice 19), each new recognizer decodes `speech` (mono samples at `rate_hz`, a
-    /// few seconds of speech: the rendered prompts), is reset and goes to the pool. Stops early
-    /// once the engine is dropped. Returns at once.
-    ///
-    /// # Errors
-    /// If the thread cannot be spawned or `rate_hz` cannot be resampled to the model's rate.
-    pub fn warm_up(&self, speech: Vec<i16>, rate_hz: u32, count: usize) -> Result<()> {
-        if count == 0 || speech.is_empty() {
-            return Ok(());
-        }
-        let mut resampler = StreamResampler::new(rate_hz, self.sample_rate, 20)?;
-        let (model, rate) = (self.model.clone(), self.sample_rate as f32);
-        let pool = Arc::downgrade(&self.pool);
-        let live = crate::engines::WorkerThread::enter();
-        std::thread::Builder::new().name("stt-warm-up".into()).spawn(move || {
-            let _live = live;
-            crate::engines::set_thread_nice(19);
-            let started = Instant::now();
-            let chunk = (rate_hz / 50) as usize;
-            let mut buf = Vec::with_capacity(640);
-            for n in 0..count {
-                let Some(mut rec) = vosk::Recognizer::new(&model, rate) else {
-                    return;
-                };
-                for samples in speech.chunks(chunk) {
+/// Builds `count` fresh recognizers for the pool on one background thread at the lowest
+/// priority (nice 19); each decodes `speech` (mono samples, their rate in Hz; none: it goes in
+/// cold), is reset and goes to the pool, replacing a worn one when `replaces`. Stops early
+/// once the engine is dropped. Returns at once.
+///
+/// # Errors
+/// If the thread cannot be spawned or the speech's rate cannot be resampled to the model's.
+fn spawn_warm(
+    model: Arc<vosk::Model>,
+    model_rate_hz: u32,
+    pool: std::sync::Weak<Pool>,
+    speech: Option<WarmSpeech>,
+    count: usize,
+    replaces: bool,
+) -> Result<()> {
+    let mut resampler = match &speech {
+        Some(s) => Some(StreamResampler::new(s.1, model_rate_hz, 20)?),
+        None => None,
+    };
+    let live = crate::engines::WorkerThread::enter();
+    std::thread::Builder::new().name("stt-warm-up".into()).spawn(move || {
+        let _live = live;
+        crate::engines::set_thread_nice(19);
+        let started = Instant::now();
+        let mut buf = Vec::with_capacity(640);
+        for n in 0..count {
+            let Some(mut rec) = vosk::Recognizer::new(&model, model_rate_hz as f32) else {
+                tracing::error!("libvosk could not create a recognizer to warm");
+                return;
+            };
+            if let (Some(speech), Some(resampler)) = (&speech, resampler.as_mut()) {
+                let (samples, rate_hz) = (&speech.0, speech.1);
+                for chunk in samples.chunks((rate_hz / 50).max(1) as usize) {
                     if pool.strong_count() == 0 {
                         return;
                     }
                     buf.clear();
-                    resampler.push(samples, &mut buf);
+                    resampler.push(chunk, &mut buf);
                     let _ = rec.accept_waveform(&buf);
                 }
                 buf.clear();
                 resampler.flush(&mut buf);
                 let _ = rec.accept_waveform(&buf);
                 let _ = rec.final_result();
-                let Some(pool) = pool.upgrade() else { return };
-                pool.give_back(rec);
-                tracing::info!(
-                    n = n + 1,
-                    of = count,
-                    ms = started.elapsed().as_millis() as u64,
-                    "STT recognizer warmed"
-                );
+                rec.reset();
             }
-        })?;
-        Ok(())
+            let Some(pool) = pool.upgrade() else { return };
+            pool.add_fresh(rec, replaces);
+            tracing::info!(
+                n = n + 1,
+                of = count,
+                replaces,
+                ms = started.elapsed().as_millis() as u64,
+                "STT recognizer warmed"
+            );
+        }
+    })?;
+    Ok(())
+}
+
+impl SttEngine {
+    /// Warms `count` recognizers for the first calls: on one background thread at the lowest
+    /// priority (nice 19), each new recognizer decodes `speech` (mono samples at `rate_hz`, a
+    /// few seconds of speech: the rendered prompts), is reset and goes to the pool. `speech` is
+    /// kept to warm the replacements of worn recognizers (`max_calls`: a recognizer is replaced
+    /// after serving that many calls; 0 never). Stops early once the engine is dropped. Returns
+    /// at once.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned or `rate_hz` cannot be resampled to the model's rate.
+    pub fn warm_up(&self, speech: Vec<i16>, rate_hz: u32, count: usize, max_calls: u32) -> Result<()> {
+        self.pool.lock().set_max_calls(max_calls);
+        if speech.is_empty() {
+            return Ok(());
+        }
+        let speech = Arc::new((speech, rate_hz));
+        *self.pool.warm_speech.lock().unwrap_or_else(|e| e.into_inner()) = Some(speech.clone());
+        if count == 0 {
+            return Ok(());
+        }
+        spawn_warm(
+            self.model.clone(),
+            self.sample_rate,
+            Arc::downgrade(&self.pool),
+            Some(speech),
+            count,
+            false,
+        )
     }
 
     /// Loads the Vosk model folder at `path`.
@@ -144,6 +216,7 @@ impl SttEngine {
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
         let (model, rate, pool) = (self.model.clone(), self.sample_rate as f32, self.pool.clone());
+        let model_rate_hz = self.sample_rate;
         let live = crate::engines::WorkerThread::enter();
         let queued = Arc::new(AtomicUsize::new(0));
         let queued_in_thread = queued.clone();
@@ -157,17 +230,18 @@ impl SttEngine {
                 crate::engines::lower_thread_priority();
                 // Created here, not on the caller's (async) thread: with a large model this
                 // takes tens of ms, which would stall other calls' audio pacing.
-                let (mut rec, reused) = match pool.take() {
-                    Some(rec) => (rec, true),
+                let (mut pooled, reused) = match pool.take() {
+                    Some(p) => (p, true),
                     None => match vosk::Recognizer::new(&model, rate) {
-                        Some(rec) => (rec, false),
+                        Some(rec) => (Pooled::new(rec), false),
                         None => {
                             tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
                             return;
                         }
                     },
                 };
-                tracing::debug!(call_id = %id, reused, "STT recognizer ready");
+                tracing::debug!(call_id = %id, reused, calls = pooled.calls, "STT recognizer ready");
+                let rec = &mut pooled.rec;
                 let cost = crate::metrics::AudioCost::new("stt");
                 let mut buf = Vec::with_capacity(640);
                 let mut text = String::new();
@@ -237,7 +311,16 @@ impl SttEngine {
                         }
                     }
                 }
-                pool.give_back(rec);
+                if let Returned::Replace { calls } = pool.give_back(pooled) {
+                    tracing::info!(
+                        calls,
+                        "STT recognizer worn (its caches only grow): warming a replacement"
+                    );
+                    let speech = pool.warm_speech.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Err(e) = spawn_warm(model, model_rate_hz, Arc::downgrade(&pool), speech, 1, true) {
+                        tracing::warn!("cannot replace a worn STT recognizer: {e:#}");
+                    }
+                }
             })?;
         Ok((
             SttStream {

@@ -373,7 +373,7 @@ fn threads_named(pid: u32, prefix: &str) -> usize {
 /// with nearly all of it still queued. Found in a soak on a CPU-starved machine: ended calls'
 /// recognizers kept decoding their backlogs, which starved the live calls' recognizers, whose
 /// backlogs grew in turn (16 `stt-` threads for 2 live calls). The next call gets one of the
-/// stopped recognizers from the pool (stt::RecognizerPool).
+/// stopped recognizers from the pool (src/recognizer_pool.rs).
 #[test]
 fn an_ended_call_does_not_decode_its_stt_backlog() {
     let _g = serial();
@@ -420,7 +420,7 @@ fn an_ended_call_does_not_decode_its_stt_backlog() {
         "4 calls with 4.8 s of speech queued each: closed {closed:?} after the hangup, recognizer threads gone after {gone:?}"
     );
     // Each stops after the chunk it is decoding: with a fresh recognizer on this test model one
-    // 20 ms chunk can take seconds (stt::RecognizerPool); decoding the whole backlog took 17.8 s
+    // 20 ms chunk can take seconds (src/recognizer_pool.rs); decoding the whole backlog took 17.8 s
     // here before the fix.
     let log = server.log();
     let left: Vec<u64> = log
@@ -710,4 +710,52 @@ fn nothing_is_lost_and_no_dead_air() {
     assert_eq!(p, ["filler", "second_filler", "reprompt"]);
     c.shutdown(std::net::Shutdown::Both).unwrap();
     let _ = drain.join();
+}
+
+/// A recognizer kept between calls is replaced once it has served `server.recognizer_max_calls`
+/// calls (its lookahead caches only grow: heaptrack put the soak's memory growth there): a
+/// fresh one is warmed in the background and takes its place, the worn one is dropped, and the
+/// next call is answered by the warmed one. With the limit at 2 here, after 2 calls.
+#[test]
+fn a_worn_recognizer_is_replaced_by_a_warmed_one() {
+    let _g = serial();
+    let server = Server::start_with_log(
+        "[server]\nrecognizer_max_calls = 2\n",
+        "info,ort=warn,asterisk_voice_agent::stt=debug",
+    );
+    let http = server.http_addr();
+    good_call(&server);
+    assert!(!server.log().contains("warming a replacement"), "{}", server.log());
+    good_call(&server);
+    server.wait_log("warming a replacement", 30);
+    let warmed = wait_until(120, "the replacement warmed", || {
+        scrape_metrics(&http)
+            .get("ava_stt_recognizers_replaced_total")
+            .copied()
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+    let m = scrape_metrics(&http);
+    println!(
+        "replacement warmed {warmed:?} after the second call ended; metrics: replaced {:?}, idle {:?}",
+        m.get("ava_stt_recognizers_replaced_total"),
+        m.get("ava_stt_recognizers_idle")
+    );
+    // The worn one was dropped, not kept beside its replacement.
+    assert_eq!(m.get("ava_stt_recognizers_idle").copied(), Some(1.0));
+    let log = server.log();
+    let warm_line = log.lines().find(|l| l.contains("STT recognizer warmed")).unwrap();
+    assert!(warm_line.contains("replaces=true"), "{warm_line}");
+    // The third call gets the replacement: kept in the pool, no call served yet.
+    good_call(&server);
+    let log = server.log();
+    let last_ready = log
+        .lines()
+        .filter(|l| l.contains("STT recognizer ready"))
+        .last()
+        .unwrap();
+    assert!(
+        last_ready.contains("reused=true") && last_ready.contains("calls=0"),
+        "{last_ready}"
+    );
 }
