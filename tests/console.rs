@@ -336,9 +336,11 @@ fn console_call_greets_answers_and_says_goodbye_on_ctrl_c() {
     // then the goodbye.
     let stretches = sound_stretches(&rec_path);
     println!("speaker sound stretches (ms): {stretches:?}");
+    // The goodbye may follow a short reply within 400 ms and join its stretch (Ctrl-C comes as
+    // soon as the reply is logged): seen in a suite run with a one-line reply.
     assert!(
-        stretches.len() >= 3,
-        "expected greeting, reply and goodbye: {stretches:?}"
+        stretches.len() >= 2,
+        "expected the greeting, then the reply and the goodbye: {stretches:?}"
     );
     // (Not the greeting's length alone: on a starved machine the sound server may stall it.)
     let total: usize = stretches.iter().map(|(s, e)| e - s).sum();
