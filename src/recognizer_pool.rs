@@ -6,8 +6,8 @@
 //! small Vosk models and the test tier's Korean one ship) is several times slower on its first
 //! utterance (measured in `stt.rs`). Why replace them: the same composition caches
 //! never shrink. Heaptrack on the soak bench (`cargo bench --bench soak`, test tier, 2 calls at
-//! a time; the heap still allocated after 84 calls, minus that after 23) put nearly all of the
-//! growth (29.5 of 29.8 MiB over those 61 calls, for the two recognizers) in OpenFst's
+//! a time; the heap still allocated after 84 calls, minus that after 25) put nearly all of the
+//! growth (29.5 of 29.8 MiB over those 59 calls, for the two recognizers) in OpenFst's
 //! `ComposeFstImpl` state table and the arc caches behind Kaldi's `LatticeIncrementalDecoder`,
 //! that is inside the recognizers the pool keeps. `vosk_recognizer_reset` keeps them. So a recognizer that
 //! has served `max_calls` calls (`server.recognizer_max_calls`) can be replaced by a fresh one,
