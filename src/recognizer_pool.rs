@@ -70,7 +70,7 @@ pub enum Returned {
         /// Calls the worn recognizer served.
         calls: u32,
     },
-    /// Dropped: a worn recognizer whose replacement is already in the pool.
+    /// Dropped: a worn recognizer, its replacement being in the pool.
     Retired,
     /// Dropped: the pool is full.
     Dropped,
@@ -127,22 +127,24 @@ impl<R> RecognizerPool<R> {
 
     /// A fresh, warmed recognizer: a start-up warm-up (`replaces` false) joins the pool; a
     /// replacement takes the place of an idle worn recognizer, which is handed back to be
-    /// dropped, or, if the worn one is in a call, joins the pool and the worn one is dropped when
-    /// that call ends. With the pool full, `rec` itself is handed back.
-    pub fn add_fresh(&mut self, rec: R, replaces: bool) -> Option<R> {
+    /// dropped ([`Returned::Retired`]), or, if the worn one is in a call, joins the pool and
+    /// the worn one is dropped when that call ends. With the pool full, `rec` itself is handed
+    /// back ([`Returned::Dropped`]).
+    pub fn add_fresh(&mut self, rec: R, replaces: bool) -> (Returned, Option<R>) {
         if replaces {
             if let Some(i) = self.idle.iter().position(|p| p.replacing) {
-                return Some(std::mem::replace(&mut self.idle[i], Pooled::new(rec)).rec);
+                let worn = std::mem::replace(&mut self.idle[i], Pooled::new(rec));
+                return (Returned::Retired, Some(worn.rec));
             }
         }
         if self.idle.len() >= Self::MAX {
-            return Some(rec);
+            return (Returned::Dropped, Some(rec));
         }
         if replaces {
             self.spares += 1;
         }
         self.idle.push(Pooled::new(rec));
-        None
+        (Returned::Kept, None)
     }
 }
 
@@ -172,7 +174,7 @@ mod tests {
         assert_eq!(call(&mut p, "b"), ("a", Returned::Replace { calls: 3 }));
         // Still used until the replacement comes, and asked for only once.
         assert_eq!(call(&mut p, "b"), ("a", Returned::Kept));
-        assert_eq!(p.add_fresh("c", true), Some("a"));
+        assert_eq!(p.add_fresh("c", true), (Returned::Retired, Some("a")));
         assert_eq!(p.idle(), 1);
         assert_eq!(call(&mut p, "b"), ("c", Returned::Kept));
     }
@@ -193,7 +195,7 @@ mod tests {
         // The worn recognizer serves another call; its replacement arrives meanwhile.
         let a = p.take().unwrap();
         assert_eq!(a.rec, "a");
-        assert_eq!(p.add_fresh("b", true), None);
+        assert_eq!(p.add_fresh("b", true), (Returned::Kept, None));
         assert_eq!(p.idle(), 1);
         assert_eq!(p.give_back(a), (Returned::Retired, Some("a")));
         assert_eq!(p.idle(), 1);

@@ -68,9 +68,23 @@ impl Pool {
     /// replacement should be built.
     fn give_back(&self, mut p: Pooled<vosk::Recognizer>) -> Returned {
         p.rec.reset();
+        self.settle(|pool| pool.give_back(p))
+    }
+
+    /// A fresh warmed recognizer joins the pool (see [`RecognizerPool::add_fresh`]).
+    fn add_fresh(&self, rec: vosk::Recognizer, replaces: bool) {
+        self.settle(|pool| pool.add_fresh(rec, replaces));
+    }
+
+    /// Runs `op` on the pool under its lock, updates the metrics, and drops what `op` handed
+    /// back after the lock (freeing a recognizer takes a while).
+    fn settle(
+        &self,
+        op: impl FnOnce(&mut RecognizerPool<vosk::Recognizer>) -> (Returned, Option<vosk::Recognizer>),
+    ) -> Returned {
         let (returned, dropped) = {
             let mut pool = self.lock();
-            let r = pool.give_back(p);
+            let r = op(&mut pool);
             crate::metrics::METRICS.stt_recognizers_idle.set(pool.idle() as i64);
             r
         };
@@ -81,16 +95,17 @@ impl Pool {
         returned
     }
 
-    /// A fresh warmed recognizer joins the pool (see [`RecognizerPool::add_fresh`]).
-    fn add_fresh(&self, rec: vosk::Recognizer, replaces: bool) {
-        let dropped = {
-            let mut pool = self.lock();
-            let r = pool.add_fresh(rec, replaces);
-            crate::metrics::METRICS.stt_recognizers_idle.set(pool.idle() as i64);
-            r
-        };
-        if dropped.is_some() && replaces {
-            crate::metrics::METRICS.stt_recognizers_replaced.inc();
+    /// Starts warming a replacement for a recognizer worn out after `calls` calls, on the
+    /// speech kept by [`SttEngine::warm_up`] (cold if none). A failure is logged: the worn one
+    /// goes on serving.
+    fn replace_worn(self: &Arc<Self>, model: Arc<vosk::Model>, model_rate_hz: u32, calls: u32) {
+        tracing::info!(
+            calls,
+            "STT recognizer worn (its caches only grow): warming a replacement"
+        );
+        let speech = self.warm_speech.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Err(e) = spawn_warm(model, model_rate_hz, Arc::downgrade(self), speech, 1, true) {
+            tracing::warn!("cannot replace a worn STT recognizer: {e:#}");
         }
     }
 }
@@ -215,8 +230,7 @@ impl SttEngine {
         let mut resampler = StreamResampler::new(call_rate_hz, self.sample_rate, 20)?;
         let (cmd_tx, cmd_rx) = std_mpsc::channel::<Command>();
         let (res_tx, res_rx) = mpsc::unbounded_channel();
-        let (model, rate, pool) = (self.model.clone(), self.sample_rate as f32, self.pool.clone());
-        let model_rate_hz = self.sample_rate;
+        let (model, model_rate_hz, pool) = (self.model.clone(), self.sample_rate, self.pool.clone());
         let live = crate::engines::WorkerThread::enter();
         let queued = Arc::new(AtomicUsize::new(0));
         let queued_in_thread = queued.clone();
@@ -232,7 +246,7 @@ impl SttEngine {
                 // takes tens of ms, which would stall other calls' audio pacing.
                 let (mut pooled, reused) = match pool.take() {
                     Some(p) => (p, true),
-                    None => match vosk::Recognizer::new(&model, rate) {
+                    None => match vosk::Recognizer::new(&model, model_rate_hz as f32) {
                         Some(rec) => (Pooled::new(rec), false),
                         None => {
                             tracing::error!("libvosk could not create a recognizer: this call gets no transcripts");
@@ -312,14 +326,7 @@ impl SttEngine {
                     }
                 }
                 if let Returned::Replace { calls } = pool.give_back(pooled) {
-                    tracing::info!(
-                        calls,
-                        "STT recognizer worn (its caches only grow): warming a replacement"
-                    );
-                    let speech = pool.warm_speech.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Err(e) = spawn_warm(model, model_rate_hz, Arc::downgrade(&pool), speech, 1, true) {
-                        tracing::warn!("cannot replace a worn STT recognizer: {e:#}");
-                    }
+                    pool.replace_worn(model, model_rate_hz, calls);
                 }
             })?;
         Ok((

@@ -357,6 +357,14 @@ fn hostile_peers_are_bounded_and_a_good_call_is_answered() {
 }
 
 /// The server's threads whose name starts with `prefix`.
+/// The service log's last line holding `needle` (panics if none).
+fn last_log_line(server: &Server, needle: &str) -> String {
+    let log = server.log();
+    let line = log.lines().rfind(|l| l.contains(needle));
+    line.unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"))
+        .to_string()
+}
+
 fn threads_named(pid: u32, prefix: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
@@ -443,12 +451,7 @@ fn an_ended_call_does_not_decode_its_stt_backlog() {
     assert!(left.iter().all(|&n| n > 8000), "{left:?}");
     // And the server still answers, with a recognizer kept from those calls (reset).
     good_call(&server);
-    let log = server.log();
-    let last_ready = log
-        .lines()
-        .filter(|l| l.contains("STT recognizer ready"))
-        .last()
-        .unwrap();
+    let last_ready = last_log_line(&server, "STT recognizer ready");
     assert!(last_ready.contains("reused=true"), "{last_ready}");
 }
 
@@ -748,12 +751,7 @@ fn a_worn_recognizer_is_replaced_by_a_warmed_one() {
     assert!(warm_line.contains("replaces=true"), "{warm_line}");
     // The third call gets the replacement: kept in the pool, no call served yet.
     good_call(&server);
-    let log = server.log();
-    let last_ready = log
-        .lines()
-        .filter(|l| l.contains("STT recognizer ready"))
-        .last()
-        .unwrap();
+    let last_ready = last_log_line(&server, "STT recognizer ready");
     assert!(
         last_ready.contains("reused=true") && last_ready.contains("calls=0"),
         "{last_ready}"
