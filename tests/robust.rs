@@ -272,8 +272,14 @@ fn hostile_peers_are_bounded_and_a_good_call_is_answered() {
             drop(conns);
         }
     });
-    let settle = wait_until(10, "threads back to idle after churn", || {
-        usage(pid).threads <= before.threads + 2
+    // Settled: threads and fds back near idle. A burst that arrives faster than the agent takes
+    // it fills the task budget (`max_calls + 4 * max_pending`) with calls and busy prompts whose
+    // peers already left; a connection placed before those close (well under 300 ms here) is
+    // refused, logged "refusing a connection": the bound, by design. The digit flood below
+    // comes after that (in one suite run it came 43 us after a 4 ms burst and was refused).
+    let settle = wait_until(10, "threads and fds back to idle after churn", || {
+        let u = usage(pid);
+        u.threads <= before.threads + 2 && u.fds <= before.fds + 2
     });
     let after = usage(pid);
     println!(
