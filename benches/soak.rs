@@ -2,11 +2,12 @@
 //! test models for `SOAK_MINUTES` (default 30), printing the server's RSS, threads and open
 //! fds every minute (RSS also as the minute's floor and peak, sampled every 250 ms), and at the
 //! end the slope per call after warm-up (the first minute), and over the second half of the
-//! minutes alone. RSS should stay flat: a slope near 0 KiB per call. Also glibc malloc's bytes in use (floor of the minute, scraped from
-//! `/metrics` every second) and what its arenas hold from the kernel (last scrape of the
-//! minute), which tell growth from fragmentation, and the most Vosk recognizers alive in the
-//! minute (kept in the pool + live calls), whose number steps the in-use bytes up. Not a test:
-//! it asserts nothing.
+//! minutes alone. RSS should stay flat: a slope near 0 KiB per call. Also the allocator's
+//! (jemalloc's) bytes allocated (floor of the minute, scraped from `/metrics` every second)
+//! and its resident pages (last scrape of the minute), which tell growth from fragmentation,
+//! the most Vosk recognizers alive in the minute (kept in the pool + live calls), whose number
+//! steps the allocated bytes up, and the worn recognizers replaced so far. Not a test: it
+//! asserts nothing.
 //!
 //! Run: `cargo bench --bench soak` (after `scripts/install-models.sh`); `SOAK_MINUTES=10` for a
 //! shorter run; `SOAK_CONFIG` adds TOML to the server's config (e.g. `[llm]` /
@@ -28,7 +29,7 @@ fn status(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// issue 7: glibc malloc's `(in_use, arenas)` bytes from the server's `/metrics`
+/// issue 7: jemalloc's `(allocated, resident)` bytes from the server's `/metrics`
 /// (`ava_malloc_bytes`), to tell memory still allocated from memory freed but kept resident,
 /// and the Vosk recognizers alive (`ava_stt_recognizers_idle` + `ava_active_calls`: each live
 /// call holds one once its audio started), and the worn recognizers replaced so far
@@ -39,7 +40,7 @@ fn malloc_bytes(http: &str) -> Option<(f64, f64, f64, f64)> {
     let recognizers =
         m.get("ava_stt_recognizers_idle").copied().unwrap_or(0.0) + m.get("ava_active_calls").copied().unwrap_or(0.0);
     let replaced = m.get("ava_stt_recognizers_replaced_total").copied().unwrap_or(0.0);
-    Some((get("in_use")?, get("arenas")?, recognizers, replaced))
+    Some((get("allocated")?, get("resident")?, recognizers, replaced))
 }
 
 fn fds(pid: u32) -> u64 {
@@ -79,7 +80,7 @@ fn main() {
         "fds",
         "no_reply",
         "heap_floor",
-        "arenas",
+        "resident",
         "recognizers",
         "replaced"
     );
@@ -87,7 +88,7 @@ fn main() {
     let missing = AtomicUsize::new(0);
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     let mut rows: Vec<(f64, f64, f64, f64, f64)> = Vec::new(); // calls, rss KiB, threads, fds, RSS floor KiB
-    let mut heap_rows: Vec<(f64, f64)> = Vec::new(); // calls, malloc in-use floor KiB
+    let mut heap_rows: Vec<(f64, f64)> = Vec::new(); // calls, allocated floor KiB
     std::thread::scope(|s| {
         for lane in 0..2 {
             let (server, calls, missing, wavs) = (&server, &calls, &missing, &wavs);
@@ -110,7 +111,7 @@ fn main() {
             // buffers) shows a leak far better than one sample taken wherever the calls are.
             let mut floor = u64::MAX;
             let mut peak = 0;
-            // malloc's in-use bytes every second (a scrape walks every arena): its floor too.
+            // the allocator's bytes allocated every second: its floor too.
             let (mut heap_floor, mut held, mut recognizers) = (f64::INFINITY, f64::NAN, 0.0f64);
             let mut replaced = 0.0f64;
             let mut tick = 0u32;
@@ -119,9 +120,9 @@ fn main() {
                 floor = floor.min(kb);
                 peak = peak.max(kb);
                 if tick % 4 == 0 {
-                    if let Some((in_use, arenas, r, worn)) = malloc_bytes(&http) {
-                        heap_floor = heap_floor.min(in_use / 1024.0);
-                        held = arenas / 1024.0;
+                    if let Some((allocated, resident, r, worn)) = malloc_bytes(&http) {
+                        heap_floor = heap_floor.min(allocated / 1024.0);
+                        held = resident / 1024.0;
                         recognizers = recognizers.max(r);
                         replaced = worn;
                     }
@@ -167,7 +168,7 @@ fn main() {
         missing.load(Ordering::Relaxed)
     );
     println!(
-        "slope per call after warm-up of malloc's in-use floor (ava_malloc_bytes, bytes still allocated): {:+.2} KiB",
+        "slope per call after warm-up of the allocated floor (ava_malloc_bytes, bytes still allocated): {:+.2} KiB",
         slope(&heap_rows.iter().skip(1).copied().collect::<Vec<_>>())
     );
     // Whether the growth levels off: the same slopes over the second half of the minutes only
@@ -178,7 +179,7 @@ fn main() {
             slope(&rows[half..].iter().map(|r| (r.0, f(r))).collect::<Vec<_>>())
         };
         println!(
-            "slope per call over the second half (minutes {}-{}): RSS {:+.2} KiB (floor {:+.2} KiB), malloc's in-use floor {:+.2} KiB",
+            "slope per call over the second half (minutes {}-{}): RSS {:+.2} KiB (floor {:+.2} KiB), allocated floor {:+.2} KiB",
             half + 1,
             rows.len(),
             late(|r| r.1),

@@ -1,8 +1,8 @@
 //! Piper's memory through ONNX Runtime (issue 7: RSS flat after warm-up): synthesizes the same
 //! N varied sentences (2-25 words, a fixed pseudo-random sequence) with the voice's session
 //! loaded twice, ONNX Runtime's CPU memory arena off (`tts.memory_arena = false`, the default)
-//! and on, and prints every 50 sentences the process's RSS, glibc malloc's bytes in use and
-//! what its arenas hold, and the synthesis real-time factor so far. Each variant runs in its
+//! and on, and prints every 50 sentences the process's RSS, the allocator's (jemalloc's) bytes
+//! allocated and its resident pages, and the synthesis real-time factor so far. Each variant runs in its
 //! own child process, so the first does not leave memory behind for the second. Not a test:
 //! it asserts nothing.
 //!
@@ -83,7 +83,7 @@ fn run(arena: bool, n: usize) {
     println!("tts.memory_arena = {arena}: {n} sentences");
     println!(
         "{:>6} {:>9} {:>12} {:>12} {:>7}",
-        "sent", "RSS_MiB", "in_use_MiB", "arenas_MiB", "RTF"
+        "sent", "RSS_MiB", "alloc_MiB", "resident_MiB", "RTF"
     );
     let (mut synth_ms, mut audio_s) = (0u64, 0f64);
     for (i, s) in sentences(n).iter().enumerate() {
@@ -91,14 +91,14 @@ fn run(arena: bool, n: usize) {
         synth_ms += speech.synth_ms;
         audio_s += speech.samples.len() as f64 / 8000.0;
         if i % 50 == 0 || i + 1 == n {
-            let (in_use, arenas) =
-                asterisk_voice_agent::metrics::malloc_stats().map_or((0, 0), |m| (m.in_use, m.arenas));
+            let (allocated, resident) =
+                asterisk_voice_agent::metrics::malloc_stats().map_or((0, 0), |m| (m.allocated, m.resident));
             println!(
                 "{:>6} {:>9.1} {:>12.1} {:>12.1} {:>7.3}",
                 i + 1,
                 rss_kib() as f64 / 1024.0,
-                in_use as f64 / 1048576.0,
-                arenas as f64 / 1048576.0,
+                allocated as f64 / 1048576.0,
+                resident as f64 / 1048576.0,
                 synth_ms as f64 / 1000.0 / audio_s
             );
         }

@@ -367,10 +367,10 @@ pub struct ServerConfig {
     /// lookahead composition caches grow with the speech it has decoded and never shrink
     /// (issue 7: heaptrack put the soak's memory growth there). The replacement is warmed in
     /// the background on the rendered prompts and takes over once ready. Read at start-up.
-    /// Default 0 (never): measured with glibc's allocator, replacing costs more RSS than it
-    /// saves (the worn recognizer's memory is freed but stays in malloc's arenas, and the
-    /// fresh one rebuilds its caches at once; README, soak). With jemalloc preloaded (the
-    /// systemd unit's opt-in line), 50 held RSS flat over a 30-minute soak.
+    /// Default 50: with jemalloc as the allocator (the binary's own, `main.rs`) it held RSS
+    /// flat over a 30-minute soak (README). 0: never. With glibc's allocator replacing cost
+    /// more RSS than it saved: the worn recognizer's memory was freed but stayed in malloc's
+    /// arenas.
     pub recognizer_max_calls: u32,
     /// issue 10: whether `max_calls` was given in the file (else the tier's value applies).
     #[serde(skip)]
@@ -386,7 +386,7 @@ impl Default for ServerConfig {
             max_pending: 16,
             write_timeout_ms: 3000,
             warm_recognizers: 2,
-            recognizer_max_calls: 0,
+            recognizer_max_calls: 50,
             max_calls_set: false,
         }
     }

@@ -204,8 +204,8 @@ async fn health(State(s): State<Arc<AdminState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// Rendered on a blocking thread: `render` reads glibc's `mallinfo2()`, which walks every
-/// malloc arena under its lock, and the runtime's workers pace the calls' audio.
+/// Rendered on a blocking thread: encoding every metric takes locks and allocates, and the
+/// runtime's workers pace the calls' audio.
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
     let active = s.events.active_calls();
     let text = match tokio::task::spawn_blocking(move || crate::metrics::render(active)).await {

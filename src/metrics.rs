@@ -29,10 +29,11 @@ pub struct Metrics {
     pub calls_ended: IntCounterVec,
     /// `ava_active_calls`: calls live now (set at each scrape from the live-call table).
     pub active_calls: IntGauge,
-    /// `ava_malloc_bytes{kind}`: glibc's allocator at scrape time (issue 7): `in_use` (bytes
-    /// allocated from its arenas), `free_held` (freed but kept in the arenas, resident or not),
-    /// `arenas` (what the arenas took from the kernel: in_use + free_held), `mmapped` (large
-    /// blocks mapped one by one). With RSS, tells fragmentation from growth.
+    /// `ava_malloc_bytes{kind}`: jemalloc, the process's allocator, at scrape time (issue 7):
+    /// `allocated` (bytes the program holds), `active` (pages holding them), `resident` (the
+    /// allocator's pages in RAM: active + freed pages not yet returned + metadata), `retained`
+    /// (address space kept but returned to the kernel). With RSS, tells growth from
+    /// fragmentation.
     pub malloc_bytes: IntGaugeVec,
     /// `ava_stt_recognizers_idle`: Vosk recognizers kept for the next calls (reset, warmed by
     /// earlier calls or at start-up; `crate::recognizer_pool`), set when one is taken or kept.
@@ -126,7 +127,7 @@ impl Metrics {
         let malloc_bytes = IntGaugeVec::new(
             Opts::new(
                 "ava_malloc_bytes",
-                "glibc malloc at scrape time: in_use (allocated from the arenas), free_held (freed, kept by the arenas), arenas (taken from the kernel by the arenas), mmapped (large blocks).",
+                "jemalloc at scrape time: allocated (held by the program), active (pages holding it), resident (the allocator's pages in RAM), retained (returned to the kernel, address space kept).",
             ),
             &["kind"],
         )
@@ -259,10 +260,10 @@ pub fn render(active_calls: usize) -> String {
     METRICS.active_calls.set(active_calls as i64);
     if let Some(st) = malloc_stats() {
         let m = &METRICS.malloc_bytes;
-        m.with_label_values(&["in_use"]).set(st.in_use as i64);
-        m.with_label_values(&["free_held"]).set(st.free_held as i64);
-        m.with_label_values(&["arenas"]).set(st.arenas as i64);
-        m.with_label_values(&["mmapped"]).set(st.mmapped as i64);
+        m.with_label_values(&["allocated"]).set(st.allocated as i64);
+        m.with_label_values(&["active"]).set(st.active as i64);
+        m.with_label_values(&["resident"]).set(st.resident as i64);
+        m.with_label_values(&["retained"]).set(st.retained as i64);
     }
     let mut out = Vec::new();
     TextEncoder::new()
@@ -271,37 +272,33 @@ pub fn render(active_calls: usize) -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
-/// glibc malloc's totals over all arenas, bytes (`mallinfo2()`, glibc >= 2.33).
+/// jemalloc's totals, bytes (its `stats.*` mallctls, refreshed by advancing `epoch`).
 #[derive(Debug, Clone, Copy)]
 pub struct MallocStats {
-    /// Allocated from the arenas and not freed (`uordblks`).
-    pub in_use: usize,
-    /// Freed but kept by the arenas (`fordblks`), resident or not.
-    pub free_held: usize,
-    /// Taken from the kernel by the arenas (`arena`: in_use + free_held).
-    pub arenas: usize,
-    /// Large blocks mapped one by one (`hblkhd`).
-    pub mmapped: usize,
+    /// Allocated by the program and not freed (`stats.allocated`).
+    pub allocated: usize,
+    /// In the pages that hold allocations (`stats.active`, a multiple of the page size).
+    pub active: usize,
+    /// The allocator's pages resident in RAM (`stats.resident`): active pages, freed pages not
+    /// yet returned to the kernel (jemalloc's `dirty_decay_ms`, 10 s by default) and metadata.
+    pub resident: usize,
+    /// Address space kept after its pages were returned to the kernel (`stats.retained`): not
+    /// in RSS.
+    pub retained: usize,
 }
 
-/// glibc's `mallinfo2()` over all arenas. Walks every arena under its lock: for a scrape, not
-/// the audio path. `None` on other C libraries.
+/// jemalloc's statistics (`tikv_jemalloc_ctl::stats`). jemalloc is the process's `malloc` (the
+/// binary links it with its symbols unprefixed, see `main.rs`), so these cover the C and C++
+/// engines' allocations too. Cheap (a few mallctl reads); `None` if a read fails.
 pub fn malloc_stats() -> Option<MallocStats> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 reads the allocator's statistics under its own locks.
-        let mi = unsafe { libc::mallinfo2() };
-        Some(MallocStats {
-            in_use: mi.uordblks,
-            free_held: mi.fordblks,
-            arenas: mi.arena,
-            mmapped: mi.hblkhd,
-        })
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        None
-    }
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    Some(MallocStats {
+        allocated: stats::allocated::read().ok()?,
+        active: stats::active::read().ok()?,
+        resident: stats::resident::read().ok()?,
+        retained: stats::retained::read().ok()?,
+    })
 }
 
 /// A caller speech onset paused the agent: `confirmed` true when it became a barge-in that
@@ -560,8 +557,8 @@ mod tests {
             "ava_stage_seconds_bucket{stage=\"llm_first_token\"",
             "ava_agi_sessions_total{result=\"failed\",script=\"unknown\"}",
             "ava_active_calls 0",
-            "ava_malloc_bytes{kind=\"in_use\"}",
-            "ava_malloc_bytes{kind=\"free_held\"}",
+            "ava_malloc_bytes{kind=\"allocated\"}",
+            "ava_malloc_bytes{kind=\"resident\"}",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
@@ -569,17 +566,21 @@ mod tests {
 
     #[test]
     fn malloc_stats_see_a_block_being_held() {
-        // 64 MiB, above glibc's largest mmap threshold: counted as mmapped while alive.
-        let before = malloc_stats().expect("glibc").mmapped;
-        let block = std::hint::black_box(vec![1u8; 64 << 20]);
+        // Through C's malloc, as the engines allocate: jemalloc serves it (unprefixed symbols),
+        // so its stats count it. Other tests run alongside and may free memory meanwhile: slack.
+        let before = malloc_stats().expect("jemalloc stats").allocated;
+        // SAFETY: a plain allocation, written, then freed below.
+        // black_box: LLVM may otherwise drop a malloc/free pair whose memory nobody reads.
+        let block = std::hint::black_box(unsafe { libc::malloc(64 << 20) as *mut u8 });
+        assert!(!block.is_null());
+        unsafe { std::ptr::write_bytes(block, 1, 64 << 20) };
         let st = malloc_stats().unwrap();
-        assert!(st.in_use > 0 && st.arenas >= st.in_use);
-        let during = st.mmapped;
-        // Other tests run alongside and may free blocks of their own meanwhile: some slack.
+        assert!(st.resident >= st.active && st.active >= st.allocated, "{st:?}");
         assert!(
-            during >= before + (48 << 20),
-            "mmapped {before} -> {during} with a 64 MiB block alive"
+            st.allocated >= before + (48 << 20),
+            "allocated {before} -> {} with a 64 MiB block alive",
+            st.allocated
         );
-        drop(std::hint::black_box(block));
+        unsafe { libc::free(block as *mut libc::c_void) };
     }
 }

@@ -40,7 +40,7 @@ type WarmSpeech = Arc<(Vec<i16>, u32)>;
 /// `server.warm_recognizers` are warmed at start-up ([`SttEngine::warm_up`]). The pool holds
 /// at most as many recognizers as were ever in use at once plus those warmed (each bounded by
 /// `server.max_calls`), and at most [`RecognizerPool::MAX`]. Those caches also grow with use
-/// and never shrink: with `server.recognizer_max_calls` set (default 0, never), a recognizer
+/// and never shrink: with `server.recognizer_max_calls` (default 50; 0: never), a recognizer
 /// is replaced after that many calls by a fresh one warmed in the background on the same
 /// speech.
 #[derive(Default)]
