@@ -2,9 +2,9 @@
 //! N varied sentences (2-25 words, a fixed pseudo-random sequence) with the voice's session
 //! loaded twice, ONNX Runtime's CPU memory arena off (`tts.memory_arena = false`, the default)
 //! and on, and prints every 50 sentences the process's RSS, the allocator's (jemalloc's) bytes
-//! allocated and its resident pages, and the synthesis real-time factor so far. Each variant runs in its
-//! own child process, so the first does not leave memory behind for the second. Not a test:
-//! it asserts nothing.
+//! allocated and its resident pages, and the synthesis real-time factor so far. Each variant
+//! runs in its own child process, so the first does not leave memory behind for the second.
+//! Not a test: it asserts nothing.
 //!
 //! Run: `cargo bench --bench tts_memory` (after `scripts/install-models.sh`); `TTS_SENTENCES`
 //! (default 400).

@@ -9,13 +9,13 @@
 //! a time; the heap still allocated after 84 calls, minus that after 25) put nearly all of the
 //! growth (29.5 of 29.8 MiB over those 59 calls, for the two recognizers) in OpenFst's
 //! `ComposeFstImpl` state table and the arc caches behind Kaldi's `LatticeIncrementalDecoder`,
-//! that is inside the recognizers the pool keeps. `vosk_recognizer_reset` keeps them. So a recognizer that
-//! has served `max_calls` calls (`server.recognizer_max_calls`) can be replaced by a fresh one,
-//! warmed in the background, and dropped; it keeps serving calls until its replacement is
-//! ready, so no call gets a cold one because of the swap. Off by default: with glibc's
-//! allocator the dropped recognizer's memory is freed (heaptrack: 2 MiB left at exit after 28
-//! calls replacing every 2) but stays in malloc's arenas, and the fresh one rebuilds its caches
-//! at once, so RSS rose faster with it than without (README, soak).
+//! that is inside the recognizers the pool keeps. `vosk_recognizer_reset` keeps them. So a
+//! recognizer that has served `max_calls` calls (`server.recognizer_max_calls`) is replaced by
+//! a fresh one, warmed in the background, and dropped; it keeps serving calls until its
+//! replacement is ready, so no call gets a cold one because of the swap. The dropped recognizer's memory is
+//! freed (heaptrack: 2 MiB left at exit after 28 calls replacing every 2); with jemalloc, the
+//! binary's allocator, it goes back to the kernel, and RSS stayed level in the 30-minute soak
+//! with the default of 50 (with glibc's allocator it stayed in malloc's arenas: README, soak).
 
 /// A recognizer with the calls it has served.
 pub struct Pooled<R> {
@@ -65,7 +65,7 @@ pub enum Returned {
     /// Nothing more to do.
     Kept,
     /// The recognizer is worn out: build and warm a fresh one, then
-    /// [`RecognizerPool::add_replacement`].
+    /// [`RecognizerPool::add_fresh`] it with `replaces` true.
     Replace {
         /// Calls the worn recognizer served.
         calls: u32,
