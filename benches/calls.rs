@@ -21,6 +21,8 @@
 //! run, `+spec` with `turn.speculative = true`, `+noprefill` with `turn.prefill_every_ms = 0`;
 //! default the config's default).
 //! `BENCH_CONFIG`: TOML added to every server's config (e.g. `[llm]` / `threads = 1`).
+//! `BENCH_LOG=debug` (the service log filter, `AVA_LOG`; default `info,ort=warn`) and
+//! `BENCH_KEEP_LOGS=DIR` (each server's whole log written to `DIR/calls-N-SCHED-TURN.log`).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
 //! call, and the Vosk recognizers' own share of it (measured in this process).
 
@@ -190,13 +192,17 @@ fn main() {
                 other => panic!("BENCH_TURN: unknown suffix +{other} (+spec, +noprefill)"),
             }
         }
-        let server = Server::start_with(
-            // The start-up STT warm-up at its default (the test harness turns it off).
-            &format!("max_calls = {}\nwarm_recognizers = 2", n.max(8)),
-            &merge_sections(
-                &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n{prefill}"),
-                &std::env::var("BENCH_CONFIG").unwrap_or_default(),
+        let server = Server::start_with_log(
+            &format!(
+                // The start-up STT warm-up at its default (the test harness turns it off).
+                "[server]\nmax_calls = {}\nwarm_recognizers = 2\n\n{}",
+                n.max(8),
+                merge_sections(
+                    &format!("\n[llm]\nscheduler = \"{sched}\"\n\n[turn]\nmode = \"{mode}\"\nspeculative = {speculative}\n{prefill}"),
+                    &std::env::var("BENCH_CONFIG").unwrap_or_default(),
+                )
             ),
+            &std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();
@@ -439,6 +445,11 @@ fn main() {
         if let Some(p) = prometheus.as_mut() {
             let _ = Command::new("kill").arg(p.id().to_string()).status();
             let _ = p.wait();
+        }
+        if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+            let path = std::path::Path::new(&dir).join(format!("calls-{n}-{sched}-{turn}.log"));
+            std::fs::write(&path, server.log()).unwrap();
+            println!("service log kept: {}", path.display());
         }
     }
     println!("\n== summary (shared 2-core machine unless stated otherwise)");

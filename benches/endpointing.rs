@@ -18,7 +18,8 @@
 //! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
 //! `TURN_MODEL` (default `<AVA_HOME>/mirror/turn/smart-turn-v3.2-cpu.onnx`), `ORT_LIB`
 //! (default `<AVA_HOME>/lib/libonnxruntime.so.1`), `VAD_ENGINE` (`earshot` | `silero`),
-//! `SILERO_MODEL`. Not a test: it asserts nothing.
+//! `SILERO_MODEL`, `TURN_THRESHOLDS=0.3,0.5,0.7,0.85`, `TURN_MIN_PAUSES=200` (`turn.min_pause_ms`
+//! values, each run with every threshold), `TURN_MAX_END_MS=1200` (`turn.max_end_silence_ms`). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::{TurnConfig, TurnMode, VadConfig};
@@ -283,19 +284,36 @@ fn main() {
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
         .unwrap_or(vec![0.3, 0.5, 0.7, 0.85]);
-    for th in thresholds {
-        modes.push((
-            format!("smart p>={th}"),
-            TurnConfig {
-                mode: TurnMode::Smart,
-                threshold: th,
-                speculative: false,
-                ..Default::default()
-            },
-        ));
+    let min_pauses: Vec<u32> = std::env::var("TURN_MIN_PAUSES")
+        .ok()
+        .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
+        .unwrap_or(vec![TurnConfig::default().min_pause_ms]);
+    let max_end = std::env::var("TURN_MAX_END_MS")
+        .ok()
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap_or(TurnConfig::default().max_end_silence_ms);
+    for &pause in &min_pauses {
+        for &th in &thresholds {
+            let name = if min_pauses.len() > 1 {
+                format!("smart p>={th} {pause}ms")
+            } else {
+                format!("smart p>={th}")
+            };
+            modes.push((
+                name,
+                TurnConfig {
+                    mode: TurnMode::Smart,
+                    threshold: th,
+                    min_pause_ms: pause,
+                    max_end_silence_ms: max_end,
+                    speculative: false,
+                    ..Default::default()
+                },
+            ));
+        }
     }
     println!(
-        "{:<16} {:>22} {:>22} {:>10} {:>10} {:>10}",
+        "{:<22} {:>22} {:>22} {:>10} {:>10} {:>10}",
         "mode", "cut-ins (joined)", "cut-ins (recordings)", "delay p50", "delay p95", "no end"
     );
     for (name, tc) in &modes {
@@ -331,7 +349,7 @@ fn main() {
             }
         }
         println!(
-            "{:<16} {:>22} {:>22} {:>8} ms {:>7} ms {:>10}",
+            "{:<22} {:>22} {:>22} {:>8} ms {:>7} ms {:>10}",
             name,
             format!("{cj}/{pj} ({:.1}%)", 100.0 * cj as f64 / pj.max(1) as f64),
             format!("{cr}/{pr} ({:.1}%)", 100.0 * cr as f64 / pr.max(1) as f64),
@@ -344,7 +362,7 @@ fn main() {
             v.sort_unstable();
             let f: Vec<u32> = FEATURES_MS.with(|f| f.borrow_mut().drain(..).map(|x| x.round() as u32).collect());
             println!(
-                "{:<16}   Smart Turn: {} inferences, p50 {} ms, p95 {} ms, max {} ms (of which log-mel features p50 {} ms)",
+                "{:<22}   Smart Turn: {} inferences, p50 {} ms, p95 {} ms, max {} ms (of which log-mel features p50 {} ms)",
                 "",
                 v.len(),
                 pct(&v, 0.5),

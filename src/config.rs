@@ -76,8 +76,10 @@ pub struct TurnConfig {
     pub max_end_silence_ms: u32,
     /// Start the reply (LLM and synthesis of its first sentence) from the text so far at the
     /// first pause, playing nothing until the turn is decided; dropped if the caller goes on.
-    /// Default false: finalizing Vosk at each pause (to get the text so far) put the test
-    /// tier's STT seconds behind the caller (stt_final 3.8 s against about 40 ms without it).
+    /// Not started while Vosk is more than 300 ms behind the caller (the final decode that
+    /// gives the text so far would put it further behind). Default true: at 1 call (silence
+    /// mode, 6 utterances, 2-core machine) end of speech -> reply audio p50 1155 -> 826 ms,
+    /// at 4 calls 1215 -> 865 ms (docs/turns.md).
     pub speculative: bool,
     /// While the caller speaks, every this many ms of their audio, and once more 100 ms into
     /// each pause, the text so far (Vosk's partial result) is evaluated into the LLM's KV cache,
@@ -96,7 +98,7 @@ impl Default for TurnConfig {
             min_pause_ms: 200,
             threshold: 0.7,
             max_end_silence_ms: 1200,
-            speculative: false,
+            speculative: true,
             prefill_every_ms: 500,
         }
     }
