@@ -19,7 +19,8 @@
 //! `0`: the measured calls start as soon as the server is ready.
 //! `BENCH_TURN=silence,smart,smart+spec` (issue 8: `[turn] mode` values compared in the same
 //! run, `+spec` with `turn.speculative = true`, `+noprefill` with `turn.prefill_every_ms = 0`;
-//! default the config's default).
+//! without `+spec` the speculative reply is off; default the config's defaults, e.g.
+//! `silence+spec`).
 //! `BENCH_CONFIG`: TOML added to every server's config (e.g. `[llm]` / `threads = 1`).
 //! `BENCH_LOG=debug` (the service log filter, `AVA_LOG`; default `info,ort=warn`) and
 //! `BENCH_KEEP_LOGS=DIR` (each server's whole log written to `DIR/calls-N-SCHED-TURN.log`).
@@ -167,8 +168,11 @@ fn main() {
     let turns: Vec<String> = std::env::var("BENCH_TURN")
         .map(|s| s.split(',').map(|m| m.trim().to_string()).collect())
         .unwrap_or_else(|_| {
-            let mode = asterisk_voice_agent::config::TurnConfig::default().mode;
-            vec![format!("{mode:?}").to_lowercase()]
+            // The config's defaults, written the way BENCH_TURN takes them.
+            let d = asterisk_voice_agent::config::TurnConfig::default();
+            let spec = if d.speculative { "+spec" } else { "" };
+            let prefill = if d.prefill_every_ms == 0 { "+noprefill" } else { "" };
+            vec![format!("{:?}{spec}{prefill}", d.mode).to_lowercase()]
         });
     let mut summary: Vec<String> = Vec::new();
     let mut runs: Vec<(usize, String, String, String)> = Vec::new();
@@ -390,8 +394,15 @@ fn main() {
         } else {
             (peak_rss.saturating_sub(idle_rss)) as f64 / 1024.0
         };
+        // With a warm-up round the measured calls take the recognizers it left in the pool
+        // (src/recognizer_pool.rs): those are in the idle figure, not in the per-call one.
+        let stt_where = if warmup {
+            "kept from the warm-up round, so in the idle figure, not in this one"
+        } else {
+            "made for these calls, so in this figure, except those warmed at start-up (server.warm_recognizers, in the idle figure)"
+        };
         println!(
-            "  RSS per call (peak - idle) / calls: {per_call:.1} MB, of which Vosk recognizer ~{:.1} MB",
+            "  RSS per call (peak - idle) / calls: {per_call:.1} MB; Vosk recognizers (~{:.1} MB each, measured in this process) {stt_where}",
             stt_kb / 1024.0
         );
         let (tokens, busy_ms) = llm_tokens(&log);
