@@ -10,6 +10,25 @@ pub fn bytes_to_samples(bytes: &[u8], out: &mut Vec<i16>) {
     out.extend(bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])));
 }
 
+/// Level (dBFS) at or below which a 20 ms frame of synthesized speech counts as silence for
+/// [`trim_leading_silence`]; `simulate` counts agent frames the same way.
+pub const LEADING_SILENCE_DBFS: f32 = -50.0;
+
+/// Drops the 20 ms frames (`rate_hz / 50` samples) at the start of `samples` whose RMS
+/// level is at or below [`LEADING_SILENCE_DBFS`]. Piper starts every sentence with ~40 ms of
+/// such padding (measured on the test voice, 2026-11-23), which the caller would otherwise
+/// wait through before the first word. Nothing after the first louder frame is touched, and
+/// all-silent input comes back empty.
+pub fn trim_leading_silence(samples: &mut Vec<i16>, rate_hz: u32) {
+    let frame = (rate_hz as usize / 50).max(1);
+    let cut: usize = samples
+        .chunks(frame)
+        .take_while(|f| rms_dbfs(f) <= LEADING_SILENCE_DBFS)
+        .map(<[i16]>::len)
+        .sum();
+    samples.drain(..cut);
+}
+
 /// RMS level of `samples` in dBFS (0 dBFS = full-scale square wave); -120 for silence.
 pub fn rms_dbfs(samples: &[i16]) -> f32 {
     if samples.is_empty() {
@@ -171,6 +190,36 @@ pub fn resample_all(samples: &[i16], from_hz: u32, to_hz: u32) -> Result<Vec<i16
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leading_silence_is_trimmed_by_whole_frames_and_nothing_after_it() {
+        // 8 kHz: 160-sample frames. Digital silence, a faint frame (-60 dBFS), then speech
+        // with a quiet gap inside it that must stay.
+        let faint = vec![33i16; 160]; // ~ -60 dBFS
+        let mut s = vec![0i16; 160];
+        s.extend(&faint);
+        let speech = sine(300.0, 8000, 320);
+        s.extend(&speech);
+        s.extend(vec![0i16; 160]);
+        s.extend(&speech);
+        let mut t = s.clone();
+        trim_leading_silence(&mut t, 8000);
+        assert_eq!(t.len(), s.len() - 320);
+        assert_eq!(&t[..320], &speech[..]);
+        // A loud first frame: nothing is cut.
+        let mut u = speech.clone();
+        trim_leading_silence(&mut u, 8000);
+        assert_eq!(u, speech);
+        // All silent, with a partial last frame: nothing is left.
+        let mut z = vec![0i16; 250];
+        trim_leading_silence(&mut z, 8000);
+        assert!(z.is_empty());
+        // 16 kHz: 320-sample frames.
+        let mut w = vec![0i16; 320];
+        w.extend(sine(300.0, 16000, 640));
+        trim_leading_silence(&mut w, 16000);
+        assert_eq!(w.len(), 640);
+    }
 
     fn sine(hz: f32, rate: u32, n: usize) -> Vec<i16> {
         (0..n)

@@ -2,7 +2,7 @@
 //! ([`TtsEngine`]), the sentence splitter that turns streamed LLM tokens into speakable
 //! sentences ([`SentenceSplitter`]), and the start-up check of ONNX Runtime and espeak-ng data.
 
-use crate::audio::{f32_to_i16, resample_all};
+use crate::audio::{f32_to_i16, resample_all, trim_leading_silence};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -117,7 +117,9 @@ impl TtsEngine {
                         let pcm = f32_to_i16(&samples, settings.gain);
                         resample_all(&pcm, rate, job.rate_hz)
                     })
-                    .map(|samples| {
+                    .map(|mut samples| {
+                        // Piper's ~40 ms of padding would only delay the first word.
+                        trim_leading_silence(&mut samples, job.rate_hz);
                         let took = started.elapsed();
                         cost.record(took, samples.len() as f64 / job.rate_hz.max(1) as f64);
                         Speech {
