@@ -318,8 +318,11 @@ fn calls_are_counted_recorded_and_scraped_however_they_end() {
             &after,
             &format!("ava_audio_seconds_total{{engine=\"{engine}\"}}"),
         );
+        // More than half a second of audio each way: the callers' utterances, and the
+        // replies (short ones; since Piper's leading padding is trimmed, one run's came to
+        // 0.99 s of synthesized audio).
         assert!(
-            compute > 0.0 && audio > 1.0,
+            compute > 0.0 && audio > 0.5,
             "{engine}: {compute} s on {audio} s of audio"
         );
         println!("{engine} real-time factor: {:.2}", compute / audio);
