@@ -206,7 +206,7 @@ fn main() {
                     &std::env::var("BENCH_CONFIG").unwrap_or_default(),
                 )
             ),
-            &std::env::var("BENCH_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
+            &std::env::var("BENCH_LOG").unwrap_or_else(|_| common::LOG_FILTER.into()),
         );
         let pid = server.pid();
         let prom_dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,9 @@
 //! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
 //! `TURN_MODEL` (default `<AVA_HOME>/mirror/turn/smart-turn-v3.2-cpu.onnx`), `ORT_LIB`
 //! (default `<AVA_HOME>/lib/libonnxruntime.so.1`), `VAD_ENGINE` (`earshot` | `silero`),
-//! `SILERO_MODEL`, `TURN_THRESHOLDS=0.3,0.5,0.7,0.85`, `TURN_MIN_PAUSES=200` (`turn.min_pause_ms`
-//! values, each run with every threshold), `TURN_MAX_END_MS=1200` (`turn.max_end_silence_ms`). Not a test: it asserts nothing.
+//! `SILERO_MODEL`, `TURN_THRESHOLDS=0.3,0.5,0.7,0.85`, `TURN_MIN_PAUSES=200`
+//! (`turn.min_pause_ms` values, each run with every threshold), `TURN_MAX_END_MS=1200`
+//! (`turn.max_end_silence_ms`). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::{TurnConfig, TurnMode, VadConfig};

@@ -12,10 +12,11 @@
 //! that is inside the recognizers the pool keeps. `vosk_recognizer_reset` keeps them. So a
 //! recognizer that has served `max_calls` calls (`server.recognizer_max_calls`) is replaced by
 //! a fresh one, warmed in the background, and dropped; it keeps serving calls until its
-//! replacement is ready, so no call gets a cold one because of the swap. The dropped recognizer's memory is
-//! freed (heaptrack: 2 MiB left at exit after 28 calls replacing every 2); with jemalloc, the
-//! binary's allocator, it goes back to the kernel, and RSS stayed level in the 30-minute soak
-//! with the default of 50 (with glibc's allocator it stayed in malloc's arenas: README, soak).
+//! replacement is ready, so no call gets a cold one because of the swap. The dropped
+//! recognizer's memory is freed (heaptrack: 2 MiB left at exit after 28 calls replacing every
+//! 2); with jemalloc, the binary's allocator, it goes back to the kernel, and RSS stayed level
+//! in the 30-minute soak with the default of 50 (with glibc's allocator it stayed in malloc's
+//! arenas: README, soak).
 
 /// A recognizer with the calls it has served.
 pub struct Pooled<R> {

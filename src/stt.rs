@@ -33,9 +33,9 @@ type WarmSpeech = Arc<(Vec<i16>, u32)>;
 /// A fresh libvosk recognizer is slow on its first utterances with a lookahead model
 /// (`Gr.fst` and `HCLr.fst`, as the small Vosk models and the test tier's Korean one ship):
 /// measured with libvosk 0.3.45 on this project's 2-core machine, a fresh recognizer decoded a
-/// 3.9 s utterance at a real-time factor of 1.8-2.1 with one 20 ms chunk taking ~3 s; the same recognizer,
-/// reset after the utterance, decoded the next ones at 0.2-0.9 (its on-the-fly composition
-/// caches are kept by `vosk_recognizer_reset`). Creating one also costs ~300 ms. So a
+/// 3.9 s utterance at a real-time factor of 1.8-2.1 with one 20 ms chunk taking ~3 s; the same
+/// recognizer, reset after the utterance, decoded the next ones at 0.2-0.9 (its on-the-fly
+/// composition caches are kept by `vosk_recognizer_reset`). Creating one also costs ~300 ms. So a
 /// recognizer is reset and kept when its call ends, and the next call starts with it; and
 /// `server.warm_recognizers` are warmed at start-up ([`SttEngine::warm_up`]). The pool holds
 /// at most as many recognizers as were ever in use at once plus those warmed (each bounded by

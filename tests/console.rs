@@ -169,7 +169,7 @@ impl Console {
             .args(["console", "--json", "--config"])
             .arg(&cfg)
             .args(args)
-            .env("AVA_LOG", "info,ort=warn")
+            .env("AVA_LOG", common::LOG_FILTER)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -289,14 +289,13 @@ fn hostile_peers_are_bounded_and_a_good_call_is_answered() {
             drop(conns);
         }
     });
-    // Settled: threads and fds back near idle. A burst that arrives faster than the agent takes
-    // it fills the task budget (`max_calls + 4 * max_pending`) with calls and busy prompts whose
-    // peers already left; a connection placed before those close (well under 300 ms here) is
+    // Settled: the accept queue empty, then threads and fds back near idle. A burst that
+    // arrives faster than the agent takes it waits in the kernel's accept queue (threads and
+    // fds look idle until it is taken: in one suite run that check alone passed 31 us after a
+    // 4 ms burst), then fills the task budget (`max_calls + 4 * max_pending`) with calls and
+    // busy prompts whose peers already left; a connection placed before those close is
     // refused, logged "refusing a connection": the bound, by design. The digit flood below
     // comes after that (in two suite runs it came right after a 4 ms burst and was refused).
-    // The accept queue first: a burst faster than the agent accepts waits there, and the
-    // server's threads and fds look idle until it is taken (in one suite run the check passed
-    // 31 us after a 4 ms burst, before the agent had accepted it).
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     let settle = wait_until(
         10,

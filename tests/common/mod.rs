@@ -217,6 +217,9 @@ pub fn test_config(port: u16, dir: &Path, extra: &str) -> String {
     test_config_with(port, dir, "", extra)
 }
 
+/// The service log filter (`AVA_LOG`) the tests and benches run `serve` with.
+pub const LOG_FILTER: &str = "info,ort=warn";
+
 /// A running `serve`. Dropping it sends SIGTERM and waits.
 pub struct Server {
     child: Child,
@@ -231,7 +234,7 @@ pub struct Server {
 impl Server {
     /// Starts `serve` with the test models and waits until it is ready.
     pub fn start(extra_config: &str) -> Server {
-        Server::start_with_log(extra_config, "info,ort=warn")
+        Server::start_with_log(extra_config, LOG_FILTER)
     }
 
     /// [`Server::start`] with `server_extra` (TOML keys) added under `[server]`.
