@@ -2,7 +2,10 @@
 //! sentences through the real VAD and the turn policy (`turn.rs`), with the real Smart Turn
 //! model, 20 ms at a time, and prints for each mode (the fixed 800 ms silence timer, Smart Turn
 //! at several thresholds):
-//! - cut-ins: the share of pauses inside a turn taken as the end of the turn;
+//! - cut-ins: the share of mid-sentence pauses taken as the end of the turn, each judged as if
+//!   no earlier pause had been taken (the utterance, and the model's context, carry on from the
+//!   turn's start); and "cascading", where a pause taken ends the utterance as it does in a call,
+//!   so the next pause is judged on the words since (one mistake makes the next more likely);
 //! - the delay from the true end of the turn (the caller's last voiced 20 ms frame) to the
 //!   decision, p50 / p95 (the model's measured inference time is added to each verdict);
 //! - Smart Turn inference ms per call of the model.
@@ -10,9 +13,13 @@
 //! Material: the shared 8 kHz utterances, each cut at its quietest 20 ms frame between 35% and
 //! 65% of its speech (mid-sentence) with 300 / 600 / 900 / 1200 ms of silence inserted, then 2 s
 //! of silence; and moonshine-voice's real recordings (beckett.wav, two_cities.wav,
-//! endgame_nagg_nell.wav, at 8 kHz), each taken as one turn: every pause of >= 250 ms inside it
-//! counts as "not the end" (some are sentence ends in a reading, and endgame is a dialogue, so
-//! this overstates cut-ins for those files).
+//! endgame_nagg_nell.wav, at 8 kHz), each taken as one turn ending at its last word, with its
+//! pauses of >= 250 ms labelled from their text ([`LABELS`]): mid-sentence (all 15 in
+//! two_cities, Dickens' one long sentence read with a pause at each comma) or after a complete
+//! sentence (beckett's short sentences, endgame's dialogue lines). Cut-ins are counted on the
+//! mid-sentence pauses; an end decided at a sentence end inside a reading is reported apart
+//! (column "sentence ends"): a listener could take the turn there. The model hears the
+//! utterance from its onset with `vad.pre_roll_ms` of audio before it, as in a call.
 //!
 //! Run: `cargo bench --bench endpointing`. Environment: `VAD_SPEECH_DIR` (default
 //! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
@@ -20,7 +27,8 @@
 //! (default `<AVA_HOME>/lib/libonnxruntime.so.1`), `VAD_ENGINE` (`earshot` | `silero`),
 //! `SILERO_MODEL`, `TURN_THRESHOLDS=0.3,0.5,0.7,0.85`, `TURN_MIN_PAUSES=200`
 //! (`turn.min_pause_ms` values, each run with every threshold), `TURN_MAX_END_MS=1200`
-//! (`turn.max_end_silence_ms`). Not a test: it asserts nothing.
+//! (`turn.max_end_silence_ms`), `VERBOSE=1` (per clip), `TURN_PRINT_PAUSES=1` (the recordings'
+//! pauses as labelled). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::{TurnConfig, TurnMode, VadConfig};
@@ -40,8 +48,10 @@ const FRAME: usize = 160; // 20 ms at 8 kHz
 struct Clip {
     name: String,
     samples: Vec<i16>,
-    /// Pauses inside the turn, [start, end) ms.
+    /// Pauses in the middle of a sentence, [start, end) ms.
     pauses: Vec<(u32, u32)>,
+    /// Pauses after a complete sentence inside the recording (the speaker goes on), [start, end) ms.
+    sentence_pauses: Vec<(u32, u32)>,
     /// End of the caller's speech (end of the last voiced 20 ms frame), ms.
     speech_end: u32,
 }
@@ -123,33 +133,94 @@ fn clips() -> Vec<Clip> {
                 name: format!("{} +{gap}ms", p.file_name().unwrap().to_string_lossy()),
                 samples: x,
                 pauses: vec![(pause_start, pause_start + gap)],
+                sentence_pauses: Vec::new(),
                 speech_end: (last as u32 + 1) * 20 + gap,
             });
         }
     }
-    for name in ["beckett.wav", "two_cities.wav", "endgame_nagg_nell.wav"] {
-        let p = speech.join(name);
+    for l in LABELS {
+        let p = speech.join(l.name);
         if !p.is_file() {
             eprintln!("skipping {} (run scripts/install-deps.sh)", p.display());
             continue;
         }
-        let mut s = read_8k(&p);
-        let (pauses, speech_end) = pauses_of(&s, 250);
-        s.truncate((speech_end * RATE / 1000) as usize);
-        s.extend(std::iter::repeat_n(0i16, 2 * RATE as usize));
+        let s = read_8k(&p);
+        let (found, _) = pauses_of(&s, 250);
+        let (from, to) = l.speech_ms;
+        let inside: Vec<(u32, u32)> = found.into_iter().filter(|&(a, b)| a > from && b < to).collect();
+        for at in l.sentence_ends {
+            assert!(
+                inside.iter().any(|&(a, _)| a == *at),
+                "{}: no pause starts at {at} ms (found {inside:?}): the labels are out of date",
+                l.name
+            );
+        }
+        let shift = |(a, b): (u32, u32)| (a - from, b - from);
+        let (sentence, mid): (Vec<_>, Vec<_>) = inside.iter().partition(|(a, _)| l.sentence_ends.contains(a));
+        let ms = |t: u32| ((t * RATE / 1000) as usize).min(s.len());
+        let mut x = s[ms(from)..ms(to)].to_vec();
+        x.extend(std::iter::repeat_n(0i16, 2 * RATE as usize));
         out.push(Clip {
-            name: name.into(),
-            samples: s,
-            pauses,
-            speech_end,
+            name: l.name.into(),
+            samples: x,
+            pauses: mid.into_iter().map(shift).collect(),
+            sentence_pauses: sentence.into_iter().map(shift).collect(),
+            speech_end: to - from,
         });
     }
     out
 }
 
+/// A recording's turn and which of its pauses come after a complete sentence.
+struct Labels {
+    name: &'static str,
+    /// The stretch taken as one turn, ms: from before the first word to the end of the last.
+    speech_ms: (u32, u32),
+    /// Starts (ms, as [`pauses_of`] finds them) of the pauses after a complete sentence; every
+    /// other pause inside the turn is mid-sentence.
+    sentence_ends: &'static [u32],
+}
+
+/// Made once from the text of each stretch between the pauses [`pauses_of`] finds, transcribed
+/// with moonshine-voice 0.0.49's bundled tiny-en model (PyPI; `transcribe_without_streaming`
+/// on each stretch +-100 ms), and checked against the passages:
+/// - beckett: "Ever tried. Ever failed. | No matter. Try again. | Fail again. Fail better.":
+///   both pauses after a sentence; "better" ends at 8.92 s, then -44 to -50 dBFS of breath
+///   to the file's end, which the earshot VAD does not take for speech either.
+/// - two_cities: "It was the best of times, | it was the worst of times, | it was the age of
+///   wisdom, | ... | in short, | the period was so far like the present period, | ... | for good
+///   or for evil, in the superlative degree of comparison only.": one sentence, all 15 pauses
+///   at commas or a dash. A click at 520-600 ms before the first word and one at 42.9-43.1 s
+///   after the last (-37 dBFS, 80-240 ms; moonshine heard "You") are outside the turn.
+/// - endgame_nagg_nell: a dialogue, "Do you hear me? | Yes. | Do you hear me? | Yes | We laugh
+///   less heartily ... | ... | Do you remember the day I went and fetched you from that ditch?
+///   | No,": every pause after a complete line.
+const LABELS: &[Labels] = &[
+    Labels {
+        name: "beckett.wav",
+        speech_ms: (0, 8920),
+        sentence_ends: &[3240, 5560],
+    },
+    Labels {
+        name: "two_cities.wav",
+        speech_ms: (1000, 41640),
+        sentence_ends: &[],
+    },
+    Labels {
+        name: "endgame_nagg_nell.wav",
+        speech_ms: (0, 28280),
+        sentence_ends: &[
+            900, 1820, 3280, 4200, 8040, 11280, 14000, 16960, 18800, 19780, 21900, 23120, 27400,
+        ],
+    },
+];
+
 struct Outcome {
     pauses: usize,
     cut_ins: usize,
+    sentence_pauses: usize,
+    /// Sentence-end pauses inside the recording taken as the end of the turn.
+    sentence_ends_taken: usize,
     delay_ms: Option<u32>,
 }
 
@@ -161,6 +232,7 @@ fn run(
     model: Option<&SmartTurn>,
     infer: &mut Vec<f32>,
     silero: Option<&Arc<asterisk_voice_agent::silero::SileroModel>>,
+    independent: bool,
 ) -> Outcome {
     let mut vcfg = vad_cfg.clone();
     if turn.mode == TurnMode::Smart {
@@ -172,6 +244,11 @@ fn run(
     };
     let mut policy = TurnPolicy::new(turn);
     let mut utter: Vec<i16> = Vec::new();
+    // Audio before the onset, as call.rs keeps it (`vad.pre_roll_ms`).
+    let mut pre_roll: std::collections::VecDeque<i16> = std::collections::VecDeque::new();
+    let pre_roll_max = (vad_cfg.pre_roll_ms * RATE / 1000) as usize;
+    // After a cut-in, in `independent` runs: the caller's utterance carries on.
+    let mut carry = false;
     // Verdicts due at an audio time (ms): (due, pause, probability).
     let mut due: Vec<(u32, u64, f32)> = Vec::new();
     let mut decisions: Vec<u32> = Vec::new();
@@ -180,7 +257,10 @@ fn run(
         let mut actions = Vec::new();
         match vad.push(f, RATE) {
             VadEvent::SpeechStart { .. } => {
-                utter.clear();
+                if !std::mem::take(&mut carry) {
+                    utter.clear();
+                    utter.extend(pre_roll.drain(..));
+                }
                 utter.extend_from_slice(f);
                 actions.extend(policy.on(Event::SpeechStart));
             }
@@ -193,7 +273,12 @@ fn run(
                     ms: vad.trailing_silence_ms(),
                 }));
             }
-            VadEvent::None => {}
+            VadEvent::None if carry => utter.extend_from_slice(f),
+            VadEvent::None => {
+                pre_roll.extend(f.iter().copied());
+                let extra = pre_roll.len().saturating_sub(pre_roll_max);
+                pre_roll.drain(..extra);
+            }
         }
         let ready: Vec<_> = due.iter().filter(|d| d.0 <= now).cloned().collect();
         due.retain(|d| d.0 > now);
@@ -210,27 +295,39 @@ fn run(
                 }
                 Action::EndTurn(_) => {
                     decisions.push(now);
-                    vad.end_now();
-                    utter.clear();
                     due.clear();
                     policy.on(Event::Final { text: String::new() });
+                    if independent && now < clip.speech_end {
+                        // Judge the next pause as if this one had not been taken: the utterance
+                        // (and the model's context) carries on from the turn's start.
+                        carry = true;
+                        if vad.in_speech() {
+                            policy.on(Event::SpeechStart);
+                        }
+                    } else {
+                        vad.end_now();
+                        utter.clear();
+                    }
                 }
                 _ => {}
             }
         }
     }
-    let cut_ins = clip
-        .pauses
-        .iter()
-        .filter(|(a, b)| decisions.iter().any(|&d| d > *a && d <= *b + 20))
-        .count();
+    let taken = |pauses: &[(u32, u32)]| {
+        pauses
+            .iter()
+            .filter(|(a, b)| decisions.iter().any(|&d| d > *a && d <= *b + 20))
+            .count()
+    };
     let delay_ms = decisions
         .iter()
         .find(|&&d| d >= clip.speech_end)
         .map(|&d| d - clip.speech_end);
     Outcome {
         pauses: clip.pauses.len(),
-        cut_ins,
+        cut_ins: taken(&clip.pauses),
+        sentence_pauses: clip.sentence_pauses.len(),
+        sentence_ends_taken: taken(&clip.sentence_pauses),
         delay_ms,
     }
 }
@@ -267,6 +364,18 @@ fn main() {
         _ => None,
     };
     let clips = clips();
+    if std::env::var_os("TURN_PRINT_PAUSES").is_some() {
+        for c in clips.iter().filter(|c| !c.name.contains('+')) {
+            let f = |v: &[(u32, u32)]| v.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>().join(" ");
+            println!(
+                "pauses {} (speech ends {} ms): mid-sentence [{}], after a sentence [{}]",
+                c.name,
+                c.speech_end,
+                f(&c.pauses),
+                f(&c.sentence_pauses)
+            );
+        }
+    }
     let vad_cfg = VadConfig::default();
     println!(
         "endpointing on {} clips (VAD: {}; machine shared with other builds)",
@@ -314,29 +423,31 @@ fn main() {
         }
     }
     println!(
-        "{:<22} {:>22} {:>22} {:>10} {:>10} {:>10}",
-        "mode", "cut-ins (joined)", "cut-ins (recordings)", "delay p50", "delay p95", "no end"
+        "cut-ins: each mid-sentence pause judged as if no earlier pause had been taken; \"cascading\": \
+         a pause taken ends the utterance, so the next pause is judged on the words since"
+    );
+    println!(
+        "{:<22} {:>16} {:>16} {:>16} {:>14} {:>10} {:>10} {:>7}",
+        "mode", "cut-ins joined", "cut-ins readings", "sentence ends", "cascading", "delay p50", "delay p95", "no end"
     );
     for (name, tc) in &modes {
         let mut infer = Vec::new();
-        let (mut pj, mut cj, mut pr, mut cr) = (0, 0, 0, 0);
+        let (mut pj, mut cj, mut pr, mut cr, mut ps, mut cs) = (0, 0, 0, 0, 0, 0);
         let mut delays = Vec::new();
         let mut missed = 0;
+        let mut cascading = 0;
         for c in &clips {
-            let o = run(
-                c,
-                tc,
-                &vad_cfg,
-                (tc.mode == TurnMode::Smart).then_some(&model),
-                &mut infer,
-                silero.as_ref(),
-            );
+            let model = (tc.mode == TurnMode::Smart).then_some(&model);
+            let o = run(c, tc, &vad_cfg, model, &mut infer, silero.as_ref(), true);
+            cascading += run(c, tc, &vad_cfg, model, &mut Vec::new(), silero.as_ref(), false).cut_ins;
             if c.name.contains("+") {
                 pj += o.pauses;
                 cj += o.cut_ins;
             } else {
                 pr += o.pauses;
                 cr += o.cut_ins;
+                ps += o.sentence_pauses;
+                cs += o.sentence_ends_taken;
             }
             match o.delay_ms {
                 Some(d) => delays.push(d),
@@ -344,16 +455,19 @@ fn main() {
             }
             if std::env::var_os("VERBOSE").is_some() {
                 println!(
-                    "   {name} {}: {} of {} pauses cut, delay {:?}",
-                    c.name, o.cut_ins, o.pauses, o.delay_ms
+                    "   {name} {}: {} of {} mid-sentence pauses cut, {} of {} sentence ends taken, delay {:?}",
+                    c.name, o.cut_ins, o.pauses, o.sentence_ends_taken, o.sentence_pauses, o.delay_ms
                 );
             }
         }
+        let share = |c: usize, p: usize| format!("{c}/{p} ({:.1}%)", 100.0 * c as f64 / p.max(1) as f64);
         println!(
-            "{:<22} {:>22} {:>22} {:>8} ms {:>7} ms {:>10}",
+            "{:<22} {:>16} {:>16} {:>16} {:>14} {:>7} ms {:>7} ms {:>7}",
             name,
-            format!("{cj}/{pj} ({:.1}%)", 100.0 * cj as f64 / pj.max(1) as f64),
-            format!("{cr}/{pr} ({:.1}%)", 100.0 * cr as f64 / pr.max(1) as f64),
+            share(cj, pj),
+            share(cr, pr),
+            share(cs, ps),
+            share(cascading, pj + pr),
             pct(&delays, 0.5),
             pct(&delays, 0.95),
             missed
