@@ -25,10 +25,10 @@
 //! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
 //! `TURN_MODEL` (default `<AVA_HOME>/mirror/turn/smart-turn-v3.2-cpu.onnx`), `ORT_LIB`
 //! (default `<AVA_HOME>/lib/libonnxruntime.so.1`), `VAD_ENGINE` (`earshot` | `silero`),
-//! `SILERO_MODEL`, `TURN_THRESHOLDS=0.3,0.5,0.7,0.85`, `TURN_MIN_PAUSES=200`
-//! (`turn.min_pause_ms` values, each run with every threshold), `TURN_MAX_END_MS=1200`
-//! (`turn.max_end_silence_ms`), `VERBOSE=1` (per clip), `TURN_PRINT_PAUSES=1` (the recordings'
-//! pauses as labelled). Not a test: it asserts nothing.
+//! `SILERO_MODEL`, `TURN_THRESHOLDS=0.5,0.7,0.85,0.95`, `TURN_MIN_PAUSES=200`
+//! (`turn.min_pause_ms` values, each run with every threshold), `TURN_MAX_END_MS` (default the
+//! config's `turn.max_end_silence_ms`), `VERBOSE=1` (per clip), `TURN_PRINT_PAUSES=1` (the
+//! recordings' pauses as labelled). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::{TurnConfig, TurnMode, VadConfig};
@@ -378,7 +378,7 @@ fn main() {
     }
     let vad_cfg = VadConfig::default();
     println!(
-        "endpointing on {} clips (VAD: {}; machine shared with other builds)",
+        "endpointing on {} clips (VAD: {})",
         clips.len(),
         if silero.is_some() { "silero" } else { "earshot" }
     );
@@ -393,7 +393,7 @@ fn main() {
     let thresholds: Vec<f32> = std::env::var("TURN_THRESHOLDS")
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
-        .unwrap_or(vec![0.3, 0.5, 0.7, 0.85]);
+        .unwrap_or(vec![0.5, 0.7, 0.85, 0.95]);
     let min_pauses: Vec<u32> = std::env::var("TURN_MIN_PAUSES")
         .ok()
         .map(|s| s.split(',').map(|x| x.trim().parse().unwrap()).collect())
