@@ -80,6 +80,7 @@ fn settings(scheduler: LlmScheduler, sequences: u32) -> LlmSettings {
         seed: 42,
         scheduler,
         sequences,
+        ..Default::default()
     }
 }
 

@@ -227,6 +227,7 @@ impl Engines {
             seed: cfg.llm.seed,
             scheduler: cfg.llm.scheduler,
             sequences: cfg.server.max_calls as u32,
+            kv_cache: cfg.llm.kv_cache,
         };
         let tts_settings = TtsSettings {
             length_scale: cfg.tts.length_scale,

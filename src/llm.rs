@@ -11,7 +11,7 @@ pub mod scheduler;
 
 use crate::config::LlmScheduler;
 use anyhow::{anyhow, bail, Context, Result};
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -91,6 +91,8 @@ pub struct LlmSettings {
     /// issue 10: KV sequences of the shared context, i.e. the most sessions alive at once
     /// (`server.max_calls`). Only for `batched`.
     pub sequences: u32,
+    /// The KV cache's element type (`[llm] kv_cache`).
+    pub kv_cache: crate::config::KvCache,
 }
 
 impl Default for LlmSettings {
@@ -104,7 +106,16 @@ impl Default for LlmSettings {
             seed: 42,
             scheduler: LlmScheduler::Batched,
             sequences: 8,
+            kv_cache: crate::config::KvCache::F16,
         }
+    }
+}
+
+/// `params` with the KV cache's element type of `settings` (`[llm] kv_cache`).
+fn with_kv_cache(params: LlamaContextParams, settings: &LlmSettings) -> LlamaContextParams {
+    match settings.kv_cache {
+        crate::config::KvCache::F16 => params,
+        crate::config::KvCache::Q8_0 => params.with_type_k(KvCacheType::Q8_0).with_type_v(KvCacheType::Q8_0),
     }
 }
 
@@ -768,6 +779,7 @@ fn session_thread(
         .with_n_batch(512)
         .with_n_threads(s.threads)
         .with_n_threads_batch(s.batch_threads.unwrap_or(s.threads));
+    let params = with_kv_cache(params, s);
     let backend = BACKEND.get().expect("backend initialized by LlmEngine::load");
     let mut ctx = engine
         .model

@@ -142,6 +142,42 @@ fn kv_prefix_is_reused_across_turns() {
     assert_eq!(s3.evaluated_tokens, 1, "{s3:?}");
 }
 
+/// `[llm] kv_cache = "q8_0"`: with the 8-bit KV cache both schedulers' contexts are created
+/// (llama.cpp needs flash attention for a quantized V cache), answer, and keep reusing the
+/// cached prompt (a quantized cell is still a cached cell). The f16 reply is printed beside it.
+#[test]
+fn q8_0_kv_cache_answers_and_reuses_its_prefix() {
+    use asterisk_voice_agent::config::KvCache;
+    for scheduler in [LlmScheduler::PerCall, LlmScheduler::Batched] {
+        let mut replies = Vec::new();
+        for kv_cache in [KvCache::Q8_0, KvCache::F16] {
+            let settings = LlmSettings {
+                threads: 2,
+                context: 1024,
+                scheduler,
+                sequences: 2,
+                kv_cache,
+                ..Default::default()
+            };
+            let e = Arc::new(LlmEngine::load(&model_path(), settings).expect("test LLM"));
+            let s = LlmSession::start(e, "q8").unwrap();
+            let h = history("What time do you open on Saturday?");
+            s.warm(h[..2].to_vec());
+            let (text, first) = reply(&s, h.clone(), 30);
+            let (_, again) = reply(&s, h, 30);
+            eprintln!("{scheduler:?} {kv_cache:?}: {text:?} {first:?}");
+            assert!(!text.trim().is_empty(), "{scheduler:?} {kv_cache:?}: empty reply");
+            assert!(first.evaluated_tokens < 25, "{scheduler:?} {kv_cache:?}: {first:?}");
+            assert_eq!(again.evaluated_tokens, 1, "{scheduler:?} {kv_cache:?}: {again:?}");
+            replies.push(text);
+        }
+        eprintln!(
+            "{scheduler:?}: q8_0 and f16 replies equal: {}",
+            replies[0] == replies[1]
+        );
+    }
+}
+
 #[test]
 fn cancelling_stops_at_once_and_leaves_other_sessions_alone() {
     let e = engine();

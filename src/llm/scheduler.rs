@@ -291,6 +291,7 @@ fn run(
         .with_n_batch(BATCH_TOKENS as u32)
         .with_n_threads(s.threads)
         .with_n_threads_batch(s.batch_threads.unwrap_or(s.threads));
+    let params = super::with_kv_cache(params, s);
     let backend = BACKEND.get().expect("backend initialized by LlmEngine::load");
     let ctx = match model.model.new_context(backend, params) {
         Ok(c) => c,
