@@ -62,17 +62,19 @@ pub enum TurnMode {
 #[serde(default, deny_unknown_fields)]
 pub struct TurnConfig {
     /// `"smart"` (the Smart Turn v3.2 model decides at each pause) or `"silence"` (the fixed
-    /// `vad.end_silence_ms` timer). Default "silence": on the real recordings' 15 mid-sentence
-    /// pauses Smart Turn cut in on 1 against the timer's 2, on the synthetic joined clips on 11
-    /// of 20 against 10, too little evidence to choose it (docs/turns.md).
+    /// `vad.end_silence_ms` timer). Default "silence": with its defaults smart mode cut in on 3
+    /// of the real recordings' 15 mid-sentence pauses against the timer's 2 (12 of 20 synthetic
+    /// ones against 10) for a decision delay p50 of 500 ms against 820, and at 4 calls on 2
+    /// cores it answered later than the timer (docs/turns.md).
     pub mode: TurnMode,
     /// Silence (ms) after speech before the turn model is asked (and asked again after each
     /// further `min_pause_ms` while it says "not finished"); also when the speculative reply
     /// starts. Default 200.
     pub min_pause_ms: u32,
-    /// Smart Turn probability (0..1) at or above which the turn is over. Default 0.95: on the
-    /// real recordings' 15 mid-sentence pauses it cut in on 1 (0.7: 3; the 800 ms timer: 2), at
-    /// a decision delay p50 of 500 ms on all 23 turn ends (0.7: 280 ms; docs/turns.md).
+    /// Smart Turn probability (0..1) at or above which the turn is over. Default 0.95: with a
+    /// 1200 ms fallback, on the real recordings' 15 mid-sentence pauses it cut in on 1 (0.7: 3;
+    /// the 800 ms timer: 2), at a decision delay p50 of 500 ms on all 23 turn ends (0.7: 280
+    /// ms; docs/turns.md).
     pub threshold: f32,
     /// In smart mode, silence (ms) that always ends the turn whatever the model says (replaces
     /// `vad.end_silence_ms`). Default 800, the silence timer's: smart mode then answers as the
@@ -500,8 +502,7 @@ pub struct LlmConfig {
     /// needs flash attention for a quantized V cache, which it enables by itself on the CPU).
     /// `"q8_0"` halves the cache: a 2048-token context of the test tier's SmolLM2-135M takes
     /// 34 MB of RSS instead of 55 MB, at the same prompt and token speed (README, "Many calls
-    /// on one box").
-    /// Default "f16".
+    /// on one box"). Default "f16".
     pub kv_cache: KvCache,
     /// issue 10: the OpenAI-compatible server's API root, e.g. `http://10.0.0.5:8080/v1`
     /// (`/chat/completions` and `/models` are appended). Plain HTTP is allowed. Required with
