@@ -229,6 +229,9 @@ fn main() {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
         }
+        // RSS before any call: with a warm-up round, the calls' freed memory stays with the
+        // allocator (jemalloc's decay) and is in `idle_rss` below.
+        let cold_rss = status_kb(pid, "VmRSS:");
         if warmup {
             let first = ["--wav", wavs[0].as_str()];
             std::thread::scope(|s| {
@@ -405,6 +408,14 @@ fn main() {
             "  RSS per call (peak - idle) / calls: {per_call:.1} MB; Vosk recognizers (~{:.1} MB each, measured in this process) {stt_where}",
             stt_kb / 1024.0
         );
+        if warmup {
+            println!(
+                "  RSS before the warm-up round {} MB: (peak - that) / calls {:.1} MB, all the calls cost, the \
+                 memory the warm-up calls freed and the allocator kept included",
+                cold_rss / 1024,
+                peak_rss.saturating_sub(cold_rss) as f64 / 1024.0 / n.max(1) as f64
+            );
+        }
         let (tokens, busy_ms) = llm_tokens(&log);
         let tps = if busy_ms > 0 {
             tokens as f64 * 1000.0 / busy_ms as f64
