@@ -148,6 +148,14 @@ fn clips() -> Vec<Clip> {
         let (found, _) = pauses_of(&s, 250);
         let (from, to) = l.speech_ms;
         let inside: Vec<(u32, u32)> = found.into_iter().filter(|&(a, b)| a > from && b < to).collect();
+        assert_eq!(
+            inside.len(),
+            l.pauses,
+            "{}: {} pauses found inside the turn ({inside:?}), {} labelled: the labels are out of date",
+            l.name,
+            inside.len(),
+            l.pauses
+        );
         for at in l.sentence_ends {
             assert!(
                 inside.iter().any(|&(a, _)| a == *at),
@@ -176,6 +184,8 @@ struct Labels {
     name: &'static str,
     /// The stretch taken as one turn, ms: from before the first word to the end of the last.
     speech_ms: (u32, u32),
+    /// Pauses [`pauses_of`] finds inside that stretch.
+    pauses: usize,
     /// Starts (ms, as [`pauses_of`] finds them) of the pauses after a complete sentence; every
     /// other pause inside the turn is mid-sentence.
     sentence_ends: &'static [u32],
@@ -199,16 +209,19 @@ const LABELS: &[Labels] = &[
     Labels {
         name: "beckett.wav",
         speech_ms: (0, 8920),
+        pauses: 2,
         sentence_ends: &[3240, 5560],
     },
     Labels {
         name: "two_cities.wav",
         speech_ms: (1000, 41640),
+        pauses: 15,
         sentence_ends: &[],
     },
     Labels {
         name: "endgame_nagg_nell.wav",
         speech_ms: (0, 28280),
+        pauses: 13,
         sentence_ends: &[
             900, 1820, 3280, 4200, 8040, 11280, 14000, 16960, 18800, 19780, 21900, 23120, 27400,
         ],
