@@ -25,7 +25,12 @@
 //! `BENCH_LOG=debug` (the service log filter, `AVA_LOG`; default `info,ort=warn`) and
 //! `BENCH_KEEP_LOGS=DIR` (each server's whole log written to `DIR/calls-N-SCHED-TURN.log`).
 //! issue 10 adds: aggregate LLM tokens/s (from the `LLM reply done` log lines), RSS per extra
-//! call, and the Vosk recognizers' own share of it (measured in this process).
+//! call, and the Vosk recognizers' own share of it (measured in this process). RSS per call is
+//! given three ways: from the peak (VmHWM, one sample, so transient peaks such as concurrent
+//! syntheses weigh in it), from the RSS sampled while the calls are live and quiet (their
+//! `BENCH_HOLD_MS` hold, >= 10 s), and from the RSS before the warm-up round. The server runs
+//! with `MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0` unless MALLOC_CONF is set, so memory
+//! freed by earlier calls is not counted as idle.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -40,6 +45,68 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// True when `hold_ms` (BENCH_HOLD_MS) is at least 10 s: the last reply has ended well before
+/// the callers hang up, so [`held_rss_kb`] has a quiet window to sample.
+fn hold_long_enough(hold_ms: Option<&str>) -> bool {
+    hold_ms
+        .and_then(|h| h.parse::<u64>().ok())
+        .is_some_and(|ms| ms >= 10_000)
+}
+
+/// Runs `n` simulated calls (`simulate` with `args`) at once against `server` (process `pid`),
+/// sampling its VmRSS every 100 ms. Returns the calls' reports, when each caller hung up and
+/// the samples (both in seconds from the round's start; samples as (seconds, kB)).
+fn sampled_round(server: &Server, args: &[&str], n: usize, pid: u32) -> (Vec<Value>, Vec<f64>, Vec<(f64, u64)>) {
+    let start = std::time::Instant::now();
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut out = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                out.push((start.elapsed().as_secs_f64(), status_kb(pid, "VmRSS:")));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            out
+        });
+        let hs: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = server.simulate(args);
+                    (r, start.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        let (reports, finished) = hs.into_iter().map(|h| h.join().unwrap()).unzip();
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        (reports, finished, sampler.join().unwrap())
+    })
+}
+
+/// Seconds of each caller's hold (before the first caller hangs up) over which
+/// [`held_rss_kb`] takes the median.
+const HELD_WINDOW_S: f64 = 4.0;
+
+/// issue 10: the server's RSS (kB) with every call still connected and none talking: the median
+/// of `samples` ((seconds into the round, VmRSS kB)) over the last [`HELD_WINDOW_S`] s before
+/// the first caller hung up (`finished`, seconds into the round). Each caller holds the line
+/// `hold_ms` after its last utterance (`simulate --hold-ms`); the window lies in it only when
+/// the hold is long enough for the last reply to have ended, so `None` below 10 s.
+fn held_rss_kb(samples: &[(f64, u64)], finished: &[f64], hold_ms: Option<&str>) -> Option<u64> {
+    if !hold_long_enough(hold_ms) {
+        return None;
+    }
+    let first_hangup = finished.iter().copied().fold(f64::INFINITY, f64::min);
+    // The hangup itself and simulate's exit take a moment: stop 0.5 s before it.
+    let (from, to) = (first_hangup - 0.5 - HELD_WINDOW_S, first_hangup - 0.5);
+    let mut v: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| (from..to).contains(t))
+        .map(|&(_, kb)| kb)
+        .collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
 }
 
 /// issue 10: total generated tokens and the time (ms) at least one reply was being generated,
@@ -118,6 +185,13 @@ fn frames_late(http: &str) -> (u64, u64) {
 
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
+    // issue 10: the server (which inherits this environment) has jemalloc hand freed pages back
+    // to the kernel at once, so its RSS after a round is what is still in use, not what the
+    // allocator kept of the warm-up calls (its default decay is 10 s). Set MALLOC_CONF to
+    // override, e.g. `MALLOC_CONF=dirty_decay_ms:10000` for jemalloc's default.
+    if std::env::var_os("MALLOC_CONF").is_none() {
+        std::env::set_var("MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
+    }
     let counts: Vec<usize> = std::env::var("BENCH_CALLS")
         .unwrap_or_else(|_| "1,4,8".into())
         .split(',')
@@ -133,8 +207,9 @@ fn main() {
         });
     println!("asterisk-voice-agent call benchmark: test tier (Vosk ko, SmolLM2-135M Q4_1, Piper joe medium), {} utterances per call", wavs.len());
     println!(
-        "machine: {} cores",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        "machine: {} cores; the server's MALLOC_CONF: {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::env::var("MALLOC_CONF").unwrap_or_default()
     );
     let schedulers: Vec<String> = std::env::var("BENCH_SCHEDULERS")
         .unwrap_or_else(|_| "batched,per_call".into())
@@ -239,9 +314,6 @@ fn main() {
                 hs.into_iter().for_each(|h| drop(h.join().unwrap()));
             });
         }
-        // What the measured round logs starts here.
-        let log_from = server.log().len();
-        let late_before = frames_late(&server.http_addr());
         let startup = server
             .log()
             .lines()
@@ -259,12 +331,22 @@ fn main() {
         if let Some(h) = hold_ms.as_deref() {
             args.extend(["--hold-ms", h]);
         }
-        let reports: Vec<Value> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..n).map(|_| s.spawn(|| server.simulate(&args))).collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        // With n > 1 calls and a hold long enough to sample, one call alone first: RSS per extra
+        // call is the slope between its live RSS and the n calls' (the memory every call
+        // shares, e.g. ONNX Runtime's arenas grown to the longest reply, is then not in it).
+        let single_held = if n > 1 && hold_long_enough(hold_ms.as_deref()) {
+            let (_, finished, samples) = sampled_round(&server, &args, 1, pid);
+            held_rss_kb(&samples, &finished, hold_ms.as_deref())
+        } else {
+            None
+        };
+        // What the measured round logs starts here.
+        let log_from = server.log().len();
+        let late_before = frames_late(&server.http_addr());
+        let (reports, finished, samples) = sampled_round(&server, &args, n, pid);
         std::thread::sleep(std::time::Duration::from_millis(500));
         let peak_rss = status_kb(pid, "VmHWM:");
+        let held_rss = held_rss_kb(&samples, &finished, hold_ms.as_deref());
 
         let mut v2v = Vec::new();
         let mut missing = 0;
@@ -408,6 +490,29 @@ fn main() {
             "  RSS per call (peak - idle) / calls: {per_call:.1} MB; Vosk recognizers (~{:.1} MB each, measured in this process) {stt_where}",
             stt_kb / 1024.0
         );
+        match held_rss {
+            Some(kb) => println!(
+                "  RSS with the {n} call(s) live and quiet (the last {HELD_WINDOW_S} s of their hold, median): {} MB: \
+                 (that - idle) / calls {:.1} MB",
+                kb / 1024,
+                kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
+            ),
+            None => println!("  RSS with the calls live and quiet: not measured (needs BENCH_HOLD_MS >= 10000)"),
+        }
+        let per_extra = match (single_held, held_rss) {
+            (Some(one), Some(all)) => {
+                let x = all.saturating_sub(one) as f64 / 1024.0 / (n - 1) as f64;
+                println!(
+                    "  RSS per extra call: one call alone first, live and quiet {} MB; ({} - {}) / {}: {x:.1} MB",
+                    one / 1024,
+                    all / 1024,
+                    one / 1024,
+                    n - 1
+                );
+                x
+            }
+            _ => f64::NAN,
+        };
         if warmup {
             println!(
                 "  RSS before the warm-up round {} MB: (peak - that) / calls {:.1} MB, all the calls cost, the \
@@ -423,8 +528,11 @@ fn main() {
             f64::NAN
         };
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
+        let held_per_call = held_rss.map_or(f64::NAN, |kb| {
+            kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
+        });
         summary.push(format!(
-            "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call, fillers {fillers}",
+            "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call (peak), {held_per_call:.1} MB/call (live, quiet), {per_extra:.1} MB/extra call, fillers {fillers}",
             percentile(&mut v2v, 0.5),
             percentile(&mut v2v, 0.95),
             percentile(&mut to_reply, 0.5),
