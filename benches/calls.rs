@@ -21,6 +21,8 @@
 //! run, `+spec` with `turn.speculative = true`, `+noprefill` with `turn.prefill_every_ms = 0`;
 //! without `+spec` the speculative reply is off; default the config's defaults, e.g.
 //! `silence+spec`).
+//! `BENCH_STAGGER_MS=700`: in the measured round call k starts 700 ms x k after the first, so
+//! the callers do not all stop talking at the same instant (default 0: they do, the worst case).
 //! `BENCH_CONFIG`: TOML added to every server's config (e.g. `[llm]` / `threads = 1`).
 //! `BENCH_LOG=debug` (the service log filter, `AVA_LOG`; default `info,ort=warn`) and
 //! `BENCH_KEEP_LOGS=DIR` (each server's whole log written to `DIR/calls-N-SCHED-TURN.log`).
@@ -58,7 +60,14 @@ fn hold_long_enough(hold_ms: Option<&str>) -> bool {
 /// Runs `n` simulated calls (`simulate` with `args`) at once against `server` (process `pid`),
 /// sampling its VmRSS every 100 ms. Returns the calls' reports, when each caller hung up and
 /// the samples (both in seconds from the round's start; samples as (seconds, kB)).
-fn sampled_round(server: &Server, args: &[&str], n: usize, pid: u32) -> (Vec<Value>, Vec<f64>, Vec<(f64, u64)>) {
+/// Call k (from 0) starts `stagger_ms` x k after the first.
+fn sampled_round(
+    server: &Server,
+    args: &[&str],
+    n: usize,
+    stagger_ms: u64,
+    pid: u32,
+) -> (Vec<Value>, Vec<f64>, Vec<(f64, u64)>) {
     let start = std::time::Instant::now();
     let sampling = std::sync::atomic::AtomicBool::new(true);
     std::thread::scope(|s| {
@@ -71,8 +80,9 @@ fn sampled_round(server: &Server, args: &[&str], n: usize, pid: u32) -> (Vec<Val
             out
         });
         let hs: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
+            .map(|k| {
+                s.spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(stagger_ms * k as u64));
                     let r = server.simulate(args);
                     (r, start.elapsed().as_secs_f64())
                 })
@@ -144,7 +154,7 @@ fn llm_tokens(log: &str) -> (u64, u64) {
 
 /// issue 10: RSS (kB) one Vosk recognizer adds once it has decoded the bench's utterances,
 /// measured in this process with `k` recognizers: the STT model's share of RSS per call.
-fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
+fn stt_kb_per_call(wavs: &[String], k: usize) -> (f64, f64) {
     use asterisk_voice_agent::models::manifest;
     let man = manifest::load(&models_dir()).expect("installed test models");
     let stt = asterisk_voice_agent::stt::SttEngine::load(
@@ -156,6 +166,7 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
     let mut streams: Vec<_> = (0..k)
         .map(|i| stt.start_stream(&format!("bench-{i}"), 8000).unwrap())
         .collect();
+    let mut after_first = None;
     for w in wavs {
         let (_, samples) = read_wav(std::path::Path::new(w));
         for (s, _) in &mut streams {
@@ -164,15 +175,17 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> f64 {
             }
             s.finish();
         }
-    }
-    for (_, rx) in &mut streams {
-        for _ in wavs {
+        for (_, rx) in &mut streams {
             let _ = rx.blocking_recv();
         }
+        after_first.get_or_insert_with(|| status_kb(me, "VmRSS:"));
     }
     let after = status_kb(me, "VmRSS:");
     drop(streams);
-    (after.saturating_sub(before)) as f64 / k as f64
+    (
+        after.saturating_sub(before) as f64 / k as f64,
+        after.saturating_sub(after_first.unwrap_or(after)) as f64 / k as f64,
+    )
 }
 
 /// `ava_frames_late_total` and `ava_frames_written_total` (agent frames written more than 10 ms
@@ -217,18 +230,26 @@ fn main() {
         .map(|s| s.trim().to_string())
         .collect();
     // BENCH_STT_SHARE=0 skips the in-process Vosk measurement (it takes a while).
-    let stt_kb = if std::env::var("BENCH_STT_SHARE").as_deref() == Ok("0") {
-        f64::NAN
+    let (stt_kb, stt_growth_kb) = if std::env::var("BENCH_STT_SHARE").as_deref() == Ok("0") {
+        (f64::NAN, f64::NAN)
     } else {
         stt_kb_per_call(&wavs, 4)
     };
     println!(
-        "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB",
-        stt_kb / 1024.0
+        "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB, of which {:.1} MB \
+         grew after the first utterance (a recognizer kept in the pool from a warm-up call grows by that in a \
+         measured call, so that much of the figures \"live and quiet\" below is Vosk's)",
+        stt_kb / 1024.0,
+        stt_growth_kb / 1024.0
     );
     // BENCH_HOLD_MS: each simulated caller stays on the line this long after its last
     // utterance (`simulate --hold-ms`), so a reply slower than the filler is still heard.
     let hold_ms: Option<String> = std::env::var("BENCH_HOLD_MS").ok();
+    // BENCH_STAGGER_MS: in the measured round call k starts this much x k after the first, so
+    // the callers do not all stop talking at the same instant (default 0: they do).
+    let stagger_ms: u64 = std::env::var("BENCH_STAGGER_MS")
+        .map(|v| v.parse().expect("BENCH_STAGGER_MS is a number of ms"))
+        .unwrap_or(0);
     let warmup_mode = std::env::var("BENCH_WARMUP").unwrap_or_else(|_| "1".into());
     assert!(
         ["0", "1", "startup"].contains(&warmup_mode.as_str()),
@@ -335,7 +356,7 @@ fn main() {
         // call is the slope between its live RSS and the n calls' (the memory every call
         // shares, e.g. ONNX Runtime's arenas grown to the longest reply, is then not in it).
         let single_held = if n > 1 && hold_long_enough(hold_ms.as_deref()) {
-            let (_, finished, samples) = sampled_round(&server, &args, 1, pid);
+            let (_, finished, samples) = sampled_round(&server, &args, 1, 0, pid);
             held_rss_kb(&samples, &finished, hold_ms.as_deref())
         } else {
             None
@@ -343,7 +364,7 @@ fn main() {
         // What the measured round logs starts here.
         let log_from = server.log().len();
         let late_before = frames_late(&server.http_addr());
-        let (reports, finished, samples) = sampled_round(&server, &args, n, pid);
+        let (reports, finished, samples) = sampled_round(&server, &args, n, stagger_ms, pid);
         std::thread::sleep(std::time::Duration::from_millis(500));
         let peak_rss = status_kb(pid, "VmHWM:");
         let held_rss = held_rss_kb(&samples, &finished, hold_ms.as_deref());
@@ -384,7 +405,7 @@ fn main() {
         );
 
         println!(
-            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, turn.mode = {turn}, observer: {observer}, BENCH_WARMUP={warmup_mode}, {} turns ({missing} without a reply)",
+            "\n== {n} simultaneous call(s), llm.scheduler = {sched}, turn.mode = {turn}, observer: {observer}, BENCH_WARMUP={warmup_mode}, BENCH_STAGGER_MS={stagger_ms}, {} turns ({missing} without a reply)",
             v2v.len() + missing
         );
         println!(
@@ -469,6 +490,19 @@ fn main() {
             percentile(&mut v2v, 1.0),
             v2v.len() + missing
         );
+        // issue 10: silence inside replies (the next sentence not ready when the one before it
+        // had played), from the conversation log; absent means 0.
+        let stalls: Vec<f64> = agent
+            .iter()
+            .map(|e| e["reply_stall_ms"].as_f64().unwrap_or(0.0))
+            .collect();
+        let stalled = stalls.iter().filter(|&&x| x > 0.0).count();
+        let stall_total: f64 = stalls.iter().sum();
+        println!(
+            "  silence inside replies (reply_stall_ms): {stalled} of {} replies, {stall_total:.0} ms in all, longest {:.0} ms",
+            stalls.len(),
+            stalls.iter().copied().fold(0.0, f64::max)
+        );
         println!(
             "serve: start-up {startup} ms, RSS idle {} MB, peak {} MB",
             idle_rss / 1024,
@@ -532,7 +566,7 @@ fn main() {
             kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
         });
         summary.push(format!(
-            "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call (peak), {held_per_call:.1} MB/call (live, quiet), {per_extra:.1} MB/extra call, fillers {fillers}",
+            "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call (peak), {held_per_call:.1} MB/call (live, quiet), {per_extra:.1} MB/extra call, fillers {fillers}, stalls {stalled} ({stall_total:.0} ms)",
             percentile(&mut v2v, 0.5),
             percentile(&mut v2v, 0.95),
             percentile(&mut to_reply, 0.5),

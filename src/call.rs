@@ -262,6 +262,9 @@ struct Turn {
     speculative: Option<String>,
     /// Audio of a speculative reply, held until it is committed.
     held: Vec<Segment>,
+    /// Since when the caller has heard nothing of this reply: its queued audio ran out while
+    /// more was still to come (`timings.reply_stall_ms`).
+    stalled_since: Option<Instant>,
 }
 
 /// What the turn model and STT answer to the turn policy's questions (issue 8).
@@ -658,8 +661,17 @@ impl Call {
         if seg.pos >= seg.samples.len() {
             let seg = self.queue.pop_front().unwrap();
             if seg.kind == SegKind::Reply {
+                let more_queued = self
+                    .queue
+                    .iter()
+                    .any(|s| s.turn == seg.turn && s.kind == SegKind::Reply);
                 if let Some(turn) = self.turn.as_mut().filter(|t| t.id == seg.turn) {
                     turn.played.push(seg.text);
+                    // The reply's audio ran out and the reply is not done: the caller hears
+                    // silence until its next sentence is queued.
+                    if !more_queued && turn.full_text.is_none() && turn.speculative.is_none() {
+                        turn.stalled_since = Some(Instant::now());
+                    }
                 }
             }
             if self.queue.is_empty() {
@@ -1205,6 +1217,7 @@ impl Call {
             call: self.shared.cfg.call.clone(),
             faults: self.shared.cfg.test_faults.clone(),
             llm_requests: self.llm_requests.clone(),
+            spoken: AtomicU32::new(0),
         };
         tokio::spawn(job.run().in_current_span());
         self.turn = Some(Turn {
@@ -1215,6 +1228,7 @@ impl Call {
             played: Vec::new(),
             full_text: None,
             audio_queued: false,
+            stalled_since: None,
             action: None,
             speculative,
             held: Vec::new(),
@@ -1268,6 +1282,9 @@ impl Call {
                     t.timings.tts_first_audio_ms = Some(t.t_final.elapsed().as_millis() as u64);
                     self.filler_due = None;
                     self.dead_air.replied();
+                }
+                if let Some(since) = t.stalled_since.take() {
+                    t.timings.reply_stall_ms += since.elapsed().as_millis() as u64;
                 }
                 self.queue.push_back(seg);
             }
@@ -1335,6 +1352,7 @@ impl Call {
             stt_final_ms = t.stt_final_ms,
             llm_first_token_ms = t.llm_first_token_ms,
             tts_first_audio_ms = t.tts_first_audio_ms,
+            reply_stall_ms = t.reply_stall_ms,
             interrupted,
             chars = text.chars().count(),
             "agent turn"
@@ -1389,6 +1407,8 @@ struct ReplyJob {
     call: CallConfig,
     faults: FaultsConfig,
     llm_requests: Arc<AtomicU32>,
+    /// Sentences synthesized so far (for `[test_faults] tts_later_sentence_delay_ms`).
+    spoken: AtomicU32,
 }
 
 /// How one LLM attempt went.
@@ -1522,6 +1542,9 @@ impl ReplyJob {
     async fn speak(&self, sentence: String) -> Result<(), String> {
         if self.cancel.load(Ordering::Relaxed) {
             return Ok(());
+        }
+        if self.faults.tts_later_sentence_delay_ms > 0 && self.spoken.fetch_add(1, Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(self.faults.tts_later_sentence_delay_ms)).await;
         }
         let main = if self.faults.tts_fail {
             Err(anyhow::anyhow!("injected fault"))

@@ -334,6 +334,9 @@ pub struct FaultsConfig {
     pub llm_fail_first: u32,
     /// Every LLM request waits this long (ms) before starting.
     pub llm_delay_ms: u64,
+    /// Each sentence of a reply after its first waits this long (ms) before synthesis, as from
+    /// a TTS that cannot keep up (tests of `reply_stall_ms`). Default 0.
+    pub tts_later_sentence_delay_ms: u64,
     /// Every reply synthesis with the main voice fails.
     pub tts_fail: bool,
     /// The N-th conversation log entry (1-based) is written only half, then fails like a full

@@ -44,6 +44,15 @@ pub struct TurnTimings {
     /// evaluated them while the caller spoke, issue 8). None when the LLM failed midway.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm_evaluated_tokens: Option<usize>,
+    /// Silence inside the reply, ms (issue 10): the time the agent's audio ran out between two
+    /// of its sentences while the rest was still being generated or synthesized, summed over
+    /// the reply. 0 when each sentence was ready before the one before it had played.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reply_stall_ms: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// One line of the log.

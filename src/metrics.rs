@@ -150,7 +150,7 @@ impl Metrics {
         let stage = HistogramVec::new(
             HistogramOpts::new(
                 "ava_stage_seconds",
-                "Duration of each stage of a reply: endpoint, stt_final, llm_first_token, first_audio.",
+                "Duration of each stage of a reply: endpoint, stt_final, llm_first_token, first_audio; reply_stall: silence inside the reply (its next sentence not ready).",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["stage"],
@@ -446,6 +446,7 @@ impl Feeder {
                     if let Some(ms) = t.tts_first_audio_ms {
                         m.stage.with_label_values(&["first_audio"]).observe(s(ms));
                         m.voice_to_voice.observe(s(end_silence_ms as u64 + t.stt_final_ms + ms));
+                        m.stage.with_label_values(&["reply_stall"]).observe(s(t.reply_stall_ms));
                     }
                 }
             }

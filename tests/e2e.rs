@@ -315,3 +315,56 @@ fn serve_rejects_unknown_config_keys() {
     let err = serve_fails(dir.path(), "c.toml", cfg);
     assert!(err.contains("end_silense_ms") && err.contains("c.toml"), "{err}");
 }
+
+/// issue 10: silence inside a reply (its next sentence not synthesized when the one before had
+/// played) is logged with the reply as `reply_stall_ms`. A TTS slowed by a test fault (each
+/// sentence after the first waits 4 s) makes the caller wait between the first two sentences.
+#[test]
+fn silence_inside_a_reply_is_logged_as_reply_stall_ms() {
+    let _g = serial();
+    let server = Server::start(
+        "[test_faults]\ntts_later_sentence_delay_ms = 4000\n\
+         [llm]\ntemperature = 0.0\n\
+         [agent]\nsystem_prompt = \"You are a phone receptionist. Answer every caller in three short sentences.\"\n\
+         [call]\nllm_timeout_ms = 20000\nreply_deadline_ms = 30000\n",
+    );
+    let wavs = [audio("book_appointment.8k.wav"), audio("opening_hours.8k.wav")];
+    let report = server.simulate(&[
+        "--wav",
+        wavs[0].to_str().unwrap(),
+        "--wav",
+        wavs[1].to_str().unwrap(),
+        "--hold-ms",
+        "20000",
+    ]);
+    let call_id = report["call_id"].as_str().unwrap();
+    server.wait_call_line(call_id, "call ended", 10);
+    let replies: Vec<serde_json::Value> = server
+        .conversation()
+        .into_iter()
+        .filter(|e| e["call_id"] == call_id && e["speaker"] == "agent" && e.get("prompt").is_none())
+        .filter(|e| e["interrupted"].is_null())
+        .collect();
+    let pieces = |text: &str| {
+        let mut s = asterisk_voice_agent::tts::SentenceSplitter::default();
+        let mut n = s.push(text).len();
+        n += usize::from(s.finish().is_some());
+        n
+    };
+    let mut multi = 0;
+    for r in &replies {
+        let text = r["text"].as_str().unwrap();
+        let stall = r["reply_stall_ms"].as_u64();
+        println!("{} piece(s), reply_stall_ms {stall:?}: {text:?}", pieces(text));
+        if pieces(text) >= 2 {
+            multi += 1;
+            assert!(
+                stall.is_some_and(|ms| ms >= 500),
+                "a 4 s wait between sentences not logged: {r}"
+            );
+        } else {
+            assert!(stall.is_none(), "a one-sentence reply cannot stall: {r}");
+        }
+    }
+    assert!(multi > 0, "no reply of two sentences or more to test with: {replies:?}");
+}
