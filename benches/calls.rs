@@ -524,12 +524,14 @@ fn main() {
             "  RSS per call (peak - idle) / calls: {per_call:.1} MB; Vosk recognizers (~{:.1} MB each, measured in this process) {stt_where}",
             stt_kb / 1024.0
         );
+        let held_per_call = held_rss.map_or(f64::NAN, |kb| {
+            kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
+        });
         match held_rss {
             Some(kb) => println!(
                 "  RSS with the {n} call(s) live and quiet (the last {HELD_WINDOW_S} s of their hold, median): {} MB: \
-                 (that - idle) / calls {:.1} MB",
-                kb / 1024,
-                kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
+                 (that - idle) / calls {held_per_call:.1} MB",
+                kb / 1024
             ),
             None => println!("  RSS with the calls live and quiet: not measured (needs BENCH_HOLD_MS >= 10000)"),
         }
@@ -562,9 +564,6 @@ fn main() {
             f64::NAN
         };
         println!("LLM: {tokens} tokens generated in {busy_ms} ms with a reply in flight: aggregate {tps:.0} tokens/s");
-        let held_per_call = held_rss.map_or(f64::NAN, |kb| {
-            kb.saturating_sub(idle_rss) as f64 / 1024.0 / n.max(1) as f64
-        });
         summary.push(format!(
             "{n} call(s) {sched:>9} {turn:>7} {observer:>10}: v2v p50/p95 {:.0}/{:.0} ms, speech end->reply audio p50/p95 {:.0}/{:.0} ms, transcript->first token p50/p95 {:.0}/{:.0} ms, ->first audio p50/p95 {:.0}/{:.0} ms, {tps:.0} tok/s, pacing p99 worst/median {:.2}/{:.2} ms, late frames {late}, RSS idle/peak {}/{} MB, {per_call:.1} MB/call (peak), {held_per_call:.1} MB/call (live, quiet), {per_extra:.1} MB/extra call, fillers {fillers}, stalls {stalled} ({stall_total:.0} ms)",
             percentile(&mut v2v, 0.5),

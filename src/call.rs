@@ -661,10 +661,7 @@ impl Call {
         if seg.pos >= seg.samples.len() {
             let seg = self.queue.pop_front().unwrap();
             if seg.kind == SegKind::Reply {
-                let more_queued = self
-                    .queue
-                    .iter()
-                    .any(|s| s.turn == seg.turn && s.kind == SegKind::Reply);
+                let more_queued = self.reply_queued(seg.turn);
                 if let Some(turn) = self.turn.as_mut().filter(|t| t.id == seg.turn) {
                     turn.played.push(seg.text);
                     // The reply's audio ran out and the reply is not done: the caller hears
@@ -1328,12 +1325,14 @@ impl Call {
         self.ending = Some(Ending::Hangup(why.into()));
     }
 
+    /// Audio of reply `turn` waits in the playout queue.
+    fn reply_queued(&self, turn: u64) -> bool {
+        self.queue.iter().any(|s| s.turn == turn && s.kind == SegKind::Reply)
+    }
+
     fn maybe_finish_turn(&mut self) {
         let Some(turn) = &self.turn else { return };
-        if turn.speculative.is_none()
-            && turn.full_text.is_some()
-            && !self.queue.iter().any(|s| s.turn == turn.id && s.kind == SegKind::Reply)
-        {
+        if turn.speculative.is_none() && turn.full_text.is_some() && !self.reply_queued(turn.id) {
             let turn = self.turn.take().unwrap();
             self.finish_turn(turn, false);
         }
