@@ -196,6 +196,17 @@ fn frames_late(http: &str) -> (u64, u64) {
     (get("ava_frames_late_total"), get("ava_frames_written_total"))
 }
 
+/// issue 10: `ava_stage_seconds{stage="tts_wait"}`'s sum (s) and count: sentences' waits for
+/// a free synthesis worker, from the server's `/metrics`; zeros when unreadable.
+fn tts_waits(http: &str) -> (f64, f64) {
+    let m = scrape_metrics(http);
+    let get = |name: &str| m.get(name).copied().unwrap_or(0.0);
+    (
+        get("ava_stage_seconds_sum{stage=\"tts_wait\"}"),
+        get("ava_stage_seconds_count{stage=\"tts_wait\"}"),
+    )
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     // issue 10: the server (which inherits this environment) has jemalloc hand freed pages back
@@ -364,6 +375,7 @@ fn main() {
         // What the measured round logs starts here.
         let log_from = server.log().len();
         let late_before = frames_late(&server.http_addr());
+        let waits_before = tts_waits(&server.http_addr());
         let (reports, finished, samples) = sampled_round(&server, &args, n, stagger_ms, pid);
         std::thread::sleep(std::time::Duration::from_millis(500));
         let peak_rss = status_kb(pid, "VmHWM:");
@@ -478,6 +490,12 @@ fn main() {
         );
         let late_after = frames_late(&server.http_addr());
         let late = format!("{} of {}", late_after.0 - late_before.0, late_after.1 - late_before.1);
+        let waits_after = tts_waits(&server.http_addr());
+        let sentences = waits_after.1 - waits_before.1;
+        println!(
+            "TTS: {sentences:.0} sentences synthesized, mean wait for a free worker {:.0} ms (ava_stage_seconds{{stage=\"tts_wait\"}})",
+            (waits_after.0 - waits_before.0) * 1000.0 / sentences.max(1.0)
+        );
         println!(
             "agent pacing gaps (at the simulated caller): worst call p99 {:.2} ms, median call p99 {:.2} ms, worst max {:.2} ms; frames written late (server side, ava_frames_late_total): {late}",
             percentile(&mut p99, 1.0),
@@ -611,7 +629,9 @@ fn main() {
         }
         if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
             let path = std::path::Path::new(&dir).join(format!("calls-{n}-{sched}-{turn}.log"));
-            std::fs::write(&path, server.log()).unwrap();
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(&path, server.log()))
+                .unwrap_or_else(|e| panic!("BENCH_KEEP_LOGS: cannot write {}: {e}", path.display()));
             println!("service log kept: {}", path.display());
         }
     }

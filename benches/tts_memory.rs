@@ -73,6 +73,9 @@ fn run(arena: bool, n: usize) {
         gain: 1.0,
         threads: 1,
         memory_arena: arena,
+        workers: 1,
+        order: asterisk_voice_agent::config::TtsOrder::Deadline,
+        nice: 10,
     };
     let ort = common::ava_home().join("lib/libonnxruntime.so.1");
     let tts = TtsEngine::load(&voice, &ort, &espeak, settings).expect("voice loads");

@@ -1215,6 +1215,7 @@ impl Call {
             faults: self.shared.cfg.test_faults.clone(),
             llm_requests: self.llm_requests.clone(),
             spoken: AtomicU32::new(0),
+            handed_over: std::sync::Mutex::new(None),
         };
         tokio::spawn(job.run().in_current_span());
         self.turn = Some(Turn {
@@ -1408,6 +1409,12 @@ struct ReplyJob {
     llm_requests: Arc<AtomicU32>,
     /// Sentences synthesized so far (for `[test_faults] tts_later_sentence_delay_ms`).
     spoken: AtomicU32,
+    /// When this reply's first audio was handed to the call, and how much audio (at the
+    /// call's rate) it has handed over since: the instant its audio runs out if nothing more
+    /// comes, which is the deadline of its next sentence (`tts.order = "deadline"`). For a
+    /// reply prepared in the pause, whose audio is held until it is committed, this is
+    /// earlier than the truth: its later sentences are treated as more urgent, not less.
+    handed_over: std::sync::Mutex<Option<(Instant, Duration)>>,
 }
 
 /// How one LLM attempt went.
@@ -1545,10 +1552,16 @@ impl ReplyJob {
         if self.faults.tts_later_sentence_delay_ms > 0 && self.spoken.fetch_add(1, Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(self.faults.tts_later_sentence_delay_ms)).await;
         }
+        // A first sentence is due now (the caller is waiting); a later one when the audio
+        // handed over before it has played.
+        let deadline = match *self.handed_over.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Instant::now(),
+            Some((first, audio)) => first + audio,
+        };
         let main = if self.faults.tts_fail {
             Err(anyhow::anyhow!("injected fault"))
         } else {
-            self.tts.synthesize(&sentence, self.rate.hz()).await
+            self.tts.synthesize_by(&sentence, self.rate.hz(), deadline).await
         };
         let speech = match (main, &self.fallback_tts) {
             (Ok(s), _) => s,
@@ -1561,6 +1574,14 @@ impl ReplyJob {
             }
             (Err(e), None) => return Err(format!("{e:#}")),
         };
+        let audio = Duration::from_millis(speech.samples.len() as u64 * 1000 / u64::from(self.rate.hz().max(1)));
+        {
+            let mut handed = self.handed_over.lock().unwrap_or_else(|e| e.into_inner());
+            match handed.as_mut() {
+                None => *handed = Some((Instant::now(), audio)),
+                Some((_, total)) => *total += audio,
+            }
+        }
         let _ = self.tx.send(ReplyEvent::Audio {
             turn: self.turn,
             text: sentence,

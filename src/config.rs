@@ -593,6 +593,32 @@ pub struct TtsConfig {
     /// (400 varied sentences: RSS 228 -> 524 MiB; without: 185-256 MiB, back to ~190 between
     /// sentences) for ~8 % faster synthesis (real-time factor 0.135 vs 0.146 on 2 cores).
     pub memory_arena: bool,
+    /// issue 10: synthesis workers, each a thread with its own copy of the voice (ONNX Runtime
+    /// runs one synthesis at a time per session; the 63 MB medium voices take about 80 MB of
+    /// RSS each), so as many sentences of different calls are synthesized at once. espeak-ng's
+    /// phonemization (a fraction of a millisecond per sentence) stays one at a time.
+    /// Default: the physical cores, at most 4.
+    pub workers: Option<usize>,
+    /// issue 10: which waiting sentence a free worker takes: `"deadline"` (the one whose call
+    /// runs out of audio first; a reply's first sentence is due at once) or `"fifo"` (arrival
+    /// order, as before). Default "deadline". src/synth_order.rs.
+    pub order: TtsOrder,
+    /// issue 10: the synthesis workers' nice value (0..19, higher yields the CPU). Default 10,
+    /// as the LLM and STT threads; 5 puts synthesis above them (below the threads that pace
+    /// audio, 0), which showed no gain beyond the run-to-run spread at 4 calls on 2 cores
+    /// (README, "Many calls on one box").
+    pub nice: i32,
+}
+
+/// issue 10: `[tts] order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TtsOrder {
+    /// Earliest deadline first.
+    #[default]
+    Deadline,
+    /// Arrival order.
+    Fifo,
 }
 
 impl Default for TtsConfig {
@@ -601,6 +627,9 @@ impl Default for TtsConfig {
             length_scale: None,
             gain: 1.0,
             memory_arena: false,
+            workers: None,
+            order: TtsOrder::Deadline,
+            nice: 10,
         }
     }
 }

@@ -234,6 +234,9 @@ impl Engines {
             gain: cfg.tts.gain,
             threads: 1,
             memory_arena: cfg.tts.memory_arena,
+            workers: cfg.tts.workers.unwrap_or_else(|| physical_cores().clamp(1, 4) as usize),
+            order: cfg.tts.order,
+            nice: cfg.tts.nice.clamp(0, 19),
         };
         // issue 10: the fallback model is used rarely: per-call contexts, created on first use,
         // cost nothing until then (a shared one would hold max_calls KV sequences from start).
@@ -247,7 +250,11 @@ impl Engines {
             batch_threads: per_call_batch_threads,
             ..llm_settings.clone()
         };
-        let fallback_tts_settings = tts_settings.clone();
+        // The fallback voice speaks only when the main one fails: one worker is enough.
+        let fallback_tts_settings = TtsSettings {
+            workers: 1,
+            ..tts_settings.clone()
+        };
         let (llm_threads, llm_batch_threads) = (
             llm_settings.threads,
             llm_settings.batch_threads.unwrap_or(llm_settings.threads),

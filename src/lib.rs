@@ -26,6 +26,7 @@ pub mod silero;
 pub mod simulate;
 pub mod smart_turn;
 pub mod stt;
+pub mod synth_order;
 pub mod transport;
 pub mod tts;
 pub mod turn;

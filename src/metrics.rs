@@ -150,7 +150,7 @@ impl Metrics {
         let stage = HistogramVec::new(
             HistogramOpts::new(
                 "ava_stage_seconds",
-                "Duration of each stage of a reply: endpoint, stt_final, llm_first_token, first_audio; reply_stall: silence inside the reply (its next sentence not ready).",
+                "Duration of each stage of a reply: endpoint, stt_final, llm_first_token, first_audio; reply_stall: silence inside the reply (its next sentence not ready); tts_wait: a sentence's wait for a free synthesis worker.",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["stage"],
@@ -233,7 +233,7 @@ impl Metrics {
         for reason in ["caller_hangup", "agent_hangup", "error", "shutdown"] {
             m.calls_ended.with_label_values(&[reason]);
         }
-        for s in ["endpoint", "stt_final", "llm_first_token", "first_audio"] {
+        for s in ["endpoint", "stt_final", "llm_first_token", "first_audio", "tts_wait"] {
             m.stage.with_label_values(&[s]);
         }
         for r in ["confirmed", "resumed"] {
@@ -330,6 +330,15 @@ impl AudioCost {
         self.compute.inc_by(compute.as_secs_f64());
         self.audio.inc_by(audio_s.max(0.0));
     }
+}
+
+/// A sentence waited `wait` for a free synthesis worker (`ava_stage_seconds{stage="tts_wait"}`,
+/// issue 10).
+pub fn tts_wait(wait: std::time::Duration) {
+    METRICS
+        .stage
+        .with_label_values(&["tts_wait"])
+        .observe(wait.as_secs_f64());
 }
 
 /// One LLM reply: `evaluated` prompt tokens (not cached) and `generated` tokens in `compute`.

@@ -1,12 +1,16 @@
-//! Text-to-speech with Piper: one loaded voice on one synthesis thread shared by all calls
-//! ([`TtsEngine`]), the sentence splitter that turns streamed LLM tokens into speakable
-//! sentences ([`SentenceSplitter`]), and the start-up check of ONNX Runtime and espeak-ng data.
+//! Text-to-speech with Piper: one loaded voice shared by all calls ([`TtsEngine`]), a few
+//! synthesis workers each with its own ONNX Runtime session of it, taking sentences in the
+//! order of src/synth_order.rs; the sentence splitter that turns streamed LLM tokens into
+//! speakable sentences ([`SentenceSplitter`]), and the start-up check of ONNX Runtime and
+//! espeak-ng data.
 
 use crate::audio::{f32_to_i16, resample_all, trim_leading_silence};
+use crate::config::TtsOrder;
+use crate::synth_order::SynthQueue;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -17,11 +21,17 @@ pub struct TtsSettings {
     pub length_scale: Option<f32>,
     /// Linear gain on the output.
     pub gain: f32,
-    /// ONNX Runtime intra-op threads.
+    /// ONNX Runtime intra-op threads per worker.
     pub threads: usize,
     /// ONNX Runtime's CPU memory arena and memory patterns on (`tts.memory_arena`): a little
     /// faster, but the arena keeps the buffers of every sentence length it has seen.
     pub memory_arena: bool,
+    /// Synthesis workers (`tts.workers`), each with its own session of the voice; at least 1.
+    pub workers: usize,
+    /// Which waiting sentence a free worker takes (`tts.order`).
+    pub order: TtsOrder,
+    /// The workers' nice value (`tts.nice`, 0..19; higher yields the CPU to the others).
+    pub nice: i32,
 }
 
 /// One synthesized sentence.
@@ -33,53 +43,66 @@ pub struct Speech {
     pub rate_hz: u32,
     /// Milliseconds spent synthesizing and resampling.
     pub synth_ms: u64,
+    /// Milliseconds the sentence waited for a free worker before that.
+    pub wait_ms: u64,
 }
 
 struct Job {
     text: String,
     rate_hz: u32,
+    asked: Instant,
     reply: oneshot::Sender<Result<Speech>>,
 }
 
-/// A loaded Piper voice behind one synthesis thread. Requests from all calls queue there; at
-/// a real-time factor of about 0.05 a sentence takes 0.1-0.2 s, so the queue stays short.
+/// The queue the workers share.
+struct Pending {
+    queue: SynthQueue<Job>,
+    /// The engine was dropped: workers stop.
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+/// espeak-ng keeps global state and is not thread-safe: every phonemization in the process
+/// (all workers of the main and the fallback voice) takes this lock. It holds for a fraction
+/// of a millisecond per sentence; the ONNX inference, which is most of the cost, runs
+/// outside it.
+static ESPEAK: Mutex<()> = Mutex::new(());
+
+/// A loaded Piper voice behind `workers` synthesis threads. Requests from all calls queue for
+/// them in `order`; at a real-time factor of about 0.1 a sentence takes 0.1-0.3 s.
 pub struct TtsEngine {
-    tx: std_mpsc::Sender<Job>,
+    shared: Arc<Shared>,
     /// The voice's native sample rate in Hz (22050 for the medium voices).
     pub voice_rate_hz: u32,
     /// The `.onnx` file.
     pub path: PathBuf,
+    /// Synthesis workers running.
+    pub workers: usize,
     greetings: Mutex<HashMap<(String, u32), Arc<Vec<i16>>>>,
 }
 
-impl TtsEngine {
-    /// Loads the Piper voice `onnx` (with `<onnx>.json` beside it) using the ONNX Runtime
-    /// library at `onnxruntime` and the espeak-ng data under `espeak_data/espeak-ng-data`.
-    ///
-    /// # Errors
-    /// If a file is missing, ONNX Runtime cannot be loaded or the voice does not load.
-    pub fn load(onnx: &Path, onnxruntime: &Path, espeak_data: &Path, settings: TtsSettings) -> Result<TtsEngine> {
-        let json = config_path(onnx);
-        for f in [onnx, &json, onnxruntime] {
-            if !f.is_file() {
-                bail!("{} is missing", f.display());
-            }
-        }
-        if !espeak_data.join("espeak-ng-data").is_dir() {
-            bail!(
-                "{} has no espeak-ng-data folder (install Debian's espeak-ng-data package)",
-                espeak_data.display()
-            );
-        }
-        // piper-rs's espeak-rs reads this to find the phoneme data; set it before first use.
-        std::env::set_var("PIPER_ESPEAKNG_DATA_DIRECTORY", espeak_data);
-        // The path was checked above: ort rc.12 hangs forever on a path that does not exist.
-        ort::init_from(onnxruntime)
-            .with_context(|| format!("cannot load ONNX Runtime from {}", onnxruntime.display()))?
-            .commit();
-        let config: piper_rs::ModelConfig = serde_json::from_reader(std::fs::File::open(&json)?)
+impl Drop for TtsEngine {
+    fn drop(&mut self) {
+        self.shared.pending.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.shared.ready.notify_all();
+    }
+}
+
+/// One worker's copy of the voice.
+struct Voice {
+    piper: piper_rs::Piper,
+    espeak_voice: String,
+}
+
+impl Voice {
+    fn load(onnx: &Path, config_json: &str, json: &Path, settings: &TtsSettings) -> Result<Voice> {
+        let config: piper_rs::ModelConfig = serde_json::from_str(config_json)
             .with_context(|| format!("{} is not a Piper voice config", json.display()))?;
-        let voice_rate_hz = config.audio.sample_rate;
+        let espeak_voice = config.espeak.voice.clone();
         let session = ort::session::Session::builder()
             .and_then(|b| b.with_intra_threads(settings.threads).map_err(Into::into))
             .and_then(|b| {
@@ -96,63 +119,183 @@ impl TtsEngine {
             })
             .and_then(|mut b| b.commit_from_file(onnx))
             .with_context(|| format!("ONNX Runtime could not load the voice {}", onnx.display()))?;
-        let mut piper = piper_rs::Piper::from_session(session, config);
+        let mut voice = Voice {
+            piper: piper_rs::Piper::from_session(session, config),
+            espeak_voice,
+        };
         // One synthesis proves espeak-ng and the voice work before any call arrives.
-        piper
-            .create("Ready.", false, None, settings.length_scale, None, None)
-            .context("test synthesis failed")?;
+        voice.synthesize("Ready.", settings).context("test synthesis failed")?;
+        Ok(voice)
+    }
 
-        let (tx, rx) = std_mpsc::channel::<Job>();
-        let live = crate::engines::WorkerThread::enter();
-        std::thread::Builder::new().name("tts".into()).spawn(move || {
-            let _live = live;
-            crate::engines::lower_thread_priority();
-            let cost = crate::metrics::AudioCost::new("tts");
-            for job in rx {
-                let started = Instant::now();
-                let result = piper
-                    .create(&job.text, false, None, settings.length_scale, None, None)
-                    .map_err(|e| anyhow::anyhow!("Piper synthesis failed: {e}"))
-                    .and_then(|(samples, rate)| {
-                        let pcm = f32_to_i16(&samples, settings.gain);
-                        resample_all(&pcm, rate, job.rate_hz)
-                    })
-                    .map(|mut samples| {
-                        // Piper's ~40 ms of padding would only delay the first word.
-                        trim_leading_silence(&mut samples, job.rate_hz);
-                        let took = started.elapsed();
-                        cost.record(took, samples.len() as f64 / job.rate_hz.max(1) as f64);
-                        Speech {
-                            samples,
-                            rate_hz: job.rate_hz,
-                            synth_ms: took.as_millis() as u64,
-                        }
-                    });
-                let _ = job.reply.send(result);
+    /// `text` as f32 samples at the voice's rate.
+    fn synthesize(&mut self, text: &str, settings: &TtsSettings) -> Result<(Vec<f32>, u32)> {
+        let phonemes = {
+            let _one_at_a_time = ESPEAK.lock().unwrap_or_else(|e| e.into_inner());
+            espeak_rs::text_to_phonemes(text, &self.espeak_voice, None)
+                .map_err(|e| anyhow::anyhow!("Piper phonemization failed: {e}"))?
+                .join(" ")
+        };
+        self.piper
+            .create(&phonemes, true, None, settings.length_scale, None, None)
+            .map_err(|e| anyhow::anyhow!("Piper synthesis failed: {e}"))
+    }
+
+    /// Serves jobs until the engine is dropped.
+    fn work(mut self, shared: Arc<Shared>, settings: TtsSettings) {
+        let cost = crate::metrics::AudioCost::new("tts");
+        loop {
+            let job = {
+                let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if pending.closed {
+                        return;
+                    }
+                    if let Some(job) = pending.queue.pop() {
+                        break job;
+                    }
+                    pending = shared.ready.wait(pending).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let started = Instant::now();
+            let wait_ms = started.duration_since(job.asked).as_millis() as u64;
+            crate::metrics::tts_wait(started.duration_since(job.asked));
+            let result = self
+                .synthesize(&job.text, &settings)
+                .and_then(|(samples, rate)| {
+                    let pcm = f32_to_i16(&samples, settings.gain);
+                    resample_all(&pcm, rate, job.rate_hz)
+                })
+                .map(|mut samples| {
+                    // Piper's ~40 ms of padding would only delay the first word.
+                    trim_leading_silence(&mut samples, job.rate_hz);
+                    let took = started.elapsed();
+                    cost.record(took, samples.len() as f64 / job.rate_hz.max(1) as f64);
+                    Speech {
+                        samples,
+                        rate_hz: job.rate_hz,
+                        synth_ms: took.as_millis() as u64,
+                        wait_ms,
+                    }
+                });
+            if let Ok(s) = &result {
+                tracing::debug!(
+                    wait_ms,
+                    synth_ms = s.synth_ms,
+                    chars = job.text.len(),
+                    "sentence synthesized"
+                );
             }
-        })?;
+            let _ = job.reply.send(result);
+        }
+    }
+}
+
+impl TtsEngine {
+    /// Loads the Piper voice `onnx` (with `<onnx>.json` beside it) using the ONNX Runtime
+    /// library at `onnxruntime` and the espeak-ng data under `espeak_data/espeak-ng-data`,
+    /// once per worker (in parallel), and starts the workers.
+    ///
+    /// # Errors
+    /// If a file is missing, ONNX Runtime cannot be loaded or the voice does not load.
+    pub fn load(onnx: &Path, onnxruntime: &Path, espeak_data: &Path, settings: TtsSettings) -> Result<TtsEngine> {
+        let json = config_path(onnx);
+        for f in [onnx, &json, onnxruntime] {
+            if !f.is_file() {
+                bail!("{} is missing", f.display());
+            }
+        }
+        if !espeak_data.join("espeak-ng-data").is_dir() {
+            bail!(
+                "{} has no espeak-ng-data folder (install Debian's espeak-ng-data package)",
+                espeak_data.display()
+            );
+        }
+        // espeak-rs reads this to find the phoneme data; set it before first use.
+        std::env::set_var("PIPER_ESPEAKNG_DATA_DIRECTORY", espeak_data);
+        // The path was checked above: ort rc.12 hangs forever on a path that does not exist.
+        ort::init_from(onnxruntime)
+            .with_context(|| format!("cannot load ONNX Runtime from {}", onnxruntime.display()))?
+            .commit();
+        let config_json = std::fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+        let voice_rate_hz = serde_json::from_str::<piper_rs::ModelConfig>(&config_json)
+            .with_context(|| format!("{} is not a Piper voice config", json.display()))?
+            .audio
+            .sample_rate;
+        let workers = settings.workers.max(1);
+        let voices: Vec<Result<Voice>> = std::thread::scope(|s| {
+            let loads: Vec<_> = (0..workers)
+                .map(|_| s.spawn(|| Voice::load(onnx, &config_json, &json, &settings)))
+                .collect();
+            loads
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the voice panicked")))
+                })
+                .collect()
+        });
+        let voices = voices.into_iter().collect::<Result<Vec<Voice>>>()?;
+
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending {
+                queue: SynthQueue::new(settings.order),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+        });
+        for (i, voice) in voices.into_iter().enumerate() {
+            let live = crate::engines::WorkerThread::enter();
+            let shared = shared.clone();
+            let settings = settings.clone();
+            std::thread::Builder::new().name(format!("tts-{i}")).spawn(move || {
+                let _live = live;
+                crate::engines::set_thread_nice(settings.nice);
+                voice.work(shared, settings);
+            })?;
+        }
         Ok(TtsEngine {
-            tx,
+            shared,
             voice_rate_hz,
             path: onnx.to_path_buf(),
+            workers,
             greetings: Mutex::default(),
         })
     }
 
-    /// Synthesizes `text` at `rate_hz`. Runs on the synthesis thread; awaiting it does not
-    /// block the async runtime.
+    /// Synthesizes `text` at `rate_hz`, due at once (a fixed prompt, a reply's first
+    /// sentence). Runs on a synthesis worker; awaiting it does not block the async runtime.
+    ///
+    /// # Errors
+    /// If synthesis fails or the engine is shutting down.
     pub async fn synthesize(&self, text: &str, rate_hz: u32) -> Result<Speech> {
+        self.synthesize_by(text, rate_hz, Instant::now()).await
+    }
+
+    /// Synthesizes `text` at `rate_hz`, needed by `deadline` (for a reply's later sentence:
+    /// when the audio queued before it will have played). With `tts.order = "deadline"` the
+    /// sentence with the earliest deadline is synthesized first (src/synth_order.rs).
+    ///
+    /// # Errors
+    /// If synthesis fails or the engine is shutting down.
+    pub async fn synthesize_by(&self, text: &str, rate_hz: u32, deadline: Instant) -> Result<Speech> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             text: text.to_string(),
             rate_hz,
+            asked: Instant::now(),
             reply,
         };
-        self.tx
-            .send(job)
-            .map_err(|_| anyhow::anyhow!("TTS thread has stopped"))?;
+        {
+            let mut pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.closed {
+                bail!("TTS has stopped");
+            }
+            pending.queue.push(job, deadline);
+        }
+        self.shared.ready.notify_one();
         rx.await
-            .map_err(|_| anyhow::anyhow!("TTS thread dropped the request"))?
+            .map_err(|_| anyhow::anyhow!("TTS stopped before synthesizing the sentence"))?
     }
 
     /// A prompt rendered earlier by [`Self::cached`], without synthesizing: usable when
