@@ -189,17 +189,15 @@ fn stt_kb_per_call(wavs: &[String], k: usize) -> (f64, f64) {
 }
 
 /// `ava_frames_late_total` and `ava_frames_written_total` (agent frames written more than 10 ms
-/// after their tick, and all of them) from the server's `/metrics`; 0 when unreadable.
-fn frames_late(http: &str) -> (u64, u64) {
-    let m = scrape_metrics(http);
+/// after their tick, and all of them) from a scrape of the server's `/metrics`; 0 when absent.
+fn frames_late(m: &std::collections::BTreeMap<String, f64>) -> (u64, u64) {
     let get = |name: &str| m.get(name).copied().unwrap_or(0.0) as u64;
     (get("ava_frames_late_total"), get("ava_frames_written_total"))
 }
 
 /// issue 10: `ava_stage_seconds{stage="tts_wait"}`'s sum (s) and count: sentences' waits for
-/// a free synthesis worker, from the server's `/metrics`; zeros when unreadable.
-fn tts_waits(http: &str) -> (f64, f64) {
-    let m = scrape_metrics(http);
+/// a free synthesis worker, from a scrape of the server's `/metrics`; zeros when absent.
+fn tts_waits(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64) {
     let get = |name: &str| m.get(name).copied().unwrap_or(0.0);
     (
         get("ava_stage_seconds_sum{stage=\"tts_wait\"}"),
@@ -374,8 +372,8 @@ fn main() {
         };
         // What the measured round logs starts here.
         let log_from = server.log().len();
-        let late_before = frames_late(&server.http_addr());
-        let waits_before = tts_waits(&server.http_addr());
+        let metrics_before = scrape_metrics(&server.http_addr());
+        let (late_before, waits_before) = (frames_late(&metrics_before), tts_waits(&metrics_before));
         let (reports, finished, samples) = sampled_round(&server, &args, n, stagger_ms, pid);
         std::thread::sleep(std::time::Duration::from_millis(500));
         let peak_rss = status_kb(pid, "VmHWM:");
@@ -488,9 +486,9 @@ fn main() {
             percentile(&mut greet, 0.5),
             percentile(&mut greet, 1.0)
         );
-        let late_after = frames_late(&server.http_addr());
+        let metrics_after = scrape_metrics(&server.http_addr());
+        let (late_after, waits_after) = (frames_late(&metrics_after), tts_waits(&metrics_after));
         let late = format!("{} of {}", late_after.0 - late_before.0, late_after.1 - late_before.1);
-        let waits_after = tts_waits(&server.http_addr());
         let sentences = waits_after.1 - waits_before.1;
         println!(
             "TTS: {sentences:.0} sentences synthesized, mean wait for a free worker {:.0} ms (ava_stage_seconds{{stage=\"tts_wait\"}})",

@@ -12,7 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use asterisk_voice_agent::tts::{TtsEngine, TtsSettings};
+use asterisk_voice_agent::tts::TtsSettings;
 
 const WORDS: [&str; 23] = [
     "sure",
@@ -65,10 +65,7 @@ fn sentences(n: usize) -> Vec<String> {
 }
 
 fn run(arena: bool, n: usize) {
-    let models = common::models_dir();
-    let voice = models.join("en_US-joe-medium/en_US-joe-medium.onnx");
-    let espeak = asterisk_voice_agent::engines::find_espeak_data(None).expect("espeak-ng-data");
-    let settings = TtsSettings {
+    let tts = common::test_voice(TtsSettings {
         length_scale: None,
         gain: 1.0,
         threads: 1,
@@ -76,9 +73,7 @@ fn run(arena: bool, n: usize) {
         workers: 1,
         order: asterisk_voice_agent::config::TtsOrder::Deadline,
         nice: 10,
-    };
-    let ort = common::ava_home().join("lib/libonnxruntime.so.1");
-    let tts = TtsEngine::load(&voice, &ort, &espeak, settings).expect("voice loads");
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -158,8 +158,9 @@ impl Voice {
                 }
             };
             let started = Instant::now();
-            let wait_ms = started.duration_since(job.asked).as_millis() as u64;
-            crate::metrics::tts_wait(started.duration_since(job.asked));
+            let wait = started.duration_since(job.asked);
+            crate::metrics::tts_wait(wait);
+            let wait_ms = wait.as_millis() as u64;
             let result = self
                 .synthesize(&job.text, &settings)
                 .and_then(|(samples, rate)| {

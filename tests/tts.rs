@@ -14,10 +14,7 @@ const LONG: &str = "Our office is open from nine in the morning until five in th
                     to Friday, and on Saturday mornings from ten until one.";
 
 fn engine(workers: usize, order: TtsOrder) -> Arc<TtsEngine> {
-    let models = common::models_dir();
-    let voice = models.join("en_US-joe-medium/en_US-joe-medium.onnx");
-    let espeak = asterisk_voice_agent::engines::find_espeak_data(None).expect("espeak-ng-data");
-    let settings = TtsSettings {
+    Arc::new(common::test_voice(TtsSettings {
         length_scale: None,
         gain: 1.0,
         threads: 1,
@@ -25,9 +22,7 @@ fn engine(workers: usize, order: TtsOrder) -> Arc<TtsEngine> {
         workers,
         order,
         nice: 10,
-    };
-    let ort = common::ava_home().join("lib/libonnxruntime.so.1");
-    Arc::new(TtsEngine::load(&voice, &ort, &espeak, settings).expect("voice loads"))
+    }))
 }
 
 /// Two long sentences asked for together: with two workers the second does not wait for the

@@ -37,6 +37,15 @@ pub fn models_dir() -> PathBuf {
     m
 }
 
+/// The test tier's Piper voice loaded in this process with `settings` (the ONNX Runtime and
+/// espeak-ng data of the test set-up); panics when it does not load.
+pub fn test_voice(settings: asterisk_voice_agent::tts::TtsSettings) -> asterisk_voice_agent::tts::TtsEngine {
+    let voice = models_dir().join("en_US-joe-medium/en_US-joe-medium.onnx");
+    let espeak = asterisk_voice_agent::engines::find_espeak_data(None).expect("espeak-ng-data");
+    let ort = ava_home().join("lib/libonnxruntime.so.1");
+    asterisk_voice_agent::tts::TtsEngine::load(&voice, &ort, &espeak, settings).expect("voice loads")
+}
+
 /// A test utterance: `../shared/audio/NAME` beside the repo, else the bundled copy.
 pub fn audio(name: &str) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
