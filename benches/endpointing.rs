@@ -6,8 +6,11 @@
 //!   no earlier pause had been taken (the utterance, and the model's context, carry on from the
 //!   turn's start); and "cascading", where a pause taken ends the utterance as it does in a call,
 //!   so the next pause is judged on the words since (one mistake makes the next more likely);
+//! - ends decided before the end of the turn at no labelled pause ("other early": in a pause
+//!   shorter than the labels' 250 ms, or in quiet speech the VAD takes for silence);
 //! - the delay from the true end of the turn (the caller's last voiced 20 ms frame) to the
-//!   decision, p50 / p95 (the model's measured inference time is added to each verdict);
+//!   decision, p50 / p95 (the model's measured inference time is added to each verdict), over
+//!   all turns and over the real ones (readings and conversation) alone;
 //! - Smart Turn inference ms per call of the model.
 //!
 //! Material: the shared 8 kHz utterances, each cut at its quietest 20 ms frame between 35% and
@@ -18,8 +21,11 @@
 //! two_cities, Dickens' one long sentence read with a pause at each comma) or after a complete
 //! sentence (beckett's short sentences, endgame's dialogue lines). Cut-ins are counted on the
 //! mid-sentence pauses; an end decided at a sentence end inside a reading is reported apart
-//! (column "sentence ends"): a listener could take the turn there. The model hears the
-//! utterance from its onset with `vad.pre_roll_ms` of audio before it, as in a call.
+//! (column "sentence ends"): a listener could take the turn there. And the turns of
+//! pyannote.audio's sample telephone conversation (two speakers, each turn ending where the
+//! other takes over; [`conversation_clips`]): real turn ends in conversational speech. The
+//! model hears the utterance from its onset with `vad.pre_roll_ms` of audio before it, as in a
+//! call.
 //!
 //! Run: `cargo bench --bench endpointing`. Environment: `VAD_SPEECH_DIR` (default
 //! `~/.cache/asterisk-voice-agent/mirror/speech`), `VAD_AUDIO_DIR` (default `../shared/audio`),
@@ -28,7 +34,8 @@
 //! `SILERO_MODEL`, `TURN_THRESHOLDS=0.5,0.7,0.85,0.95`, `TURN_MIN_PAUSES=200`
 //! (`turn.min_pause_ms` values, each run with every threshold), `TURN_MAX_END_MS` (default the
 //! config's `turn.max_end_silence_ms`), `VERBOSE=1` (per clip), `TURN_PRINT_PAUSES=1` (the
-//! recordings' pauses as labelled). Not a test: it asserts nothing.
+//! recordings' pauses as labelled), `TURN_PRINT_VERDICTS=1` (every verdict of the model, with
+//! its time from the end of the turn). Not a test: it asserts nothing.
 
 use asterisk_voice_agent::audio::{resample_all, rms_dbfs};
 use asterisk_voice_agent::config::{TurnConfig, TurnMode, VadConfig};
@@ -45,8 +52,21 @@ thread_local! {
 }
 const FRAME: usize = 160; // 20 ms at 8 kHz
 
+/// Where a clip comes from: its figures are reported per kind.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// A shared espeak-ng utterance cut mid-sentence with digital silence inserted.
+    Joined,
+    /// A moonshine-voice reading, taken as one turn.
+    Reading,
+    /// One speaker's turn in pyannote.audio's telephone conversation, ending where the other
+    /// speaker takes over.
+    Conversation,
+}
+
 struct Clip {
     name: String,
+    kind: Kind,
     samples: Vec<i16>,
     /// Pauses in the middle of a sentence, [start, end) ms.
     pauses: Vec<(u32, u32)>,
@@ -131,6 +151,7 @@ fn clips() -> Vec<Clip> {
             let pause_start = cut as u32 * 20;
             out.push(Clip {
                 name: format!("{} +{gap}ms", p.file_name().unwrap().to_string_lossy()),
+                kind: Kind::Joined,
                 samples: x,
                 pauses: vec![(pause_start, pause_start + gap)],
                 sentence_pauses: Vec::new(),
@@ -170,10 +191,97 @@ fn clips() -> Vec<Clip> {
         x.extend(std::iter::repeat_n(0i16, 2 * RATE as usize));
         out.push(Clip {
             name: l.name.into(),
+            kind: Kind::Reading,
             samples: x,
             pauses: mid.into_iter().map(shift).collect(),
             sentence_pauses: sentence.into_iter().map(shift).collect(),
             speech_end: to - from,
+        });
+    }
+    out.extend(conversation_clips(&speech));
+    out
+}
+
+/// The turns of pyannote.audio's sample conversation (`pyannote_sample.wav`, 30 s of two
+/// speakers on one telephone channel at 16 kHz, and its STM transcript `pyannote_sample.stm`:
+/// `sample 1 SPEAKER START_S END_S WORDS...` per line; both from the pyannote.audio 4.0.7 wheel,
+/// MIT, put in the speech folder by scripts/deps-turns.sh). A turn is a run of consecutive STM
+/// segments of one speaker; it ends where the transcript's segment ends, and the other speaker
+/// takes over (after 20-470 ms, or talking over its last words). Each turn becomes a caller's
+/// turn: 500 ms of silence, the turn's audio (10 ms fade-out at the cut), then 2 s of silence.
+/// The last turn is left out: the file cuts it 13 ms after its segment, so whether it ends there
+/// is unknown. Pauses of >= 250 ms inside a turn that hold a segment boundary are sentence ends;
+/// any other is mid-sentence. The STM's times are a transcriber's (within ~100 ms of the audio's
+/// own end of speech where a silence follows), so the delays from these turns carry that error.
+fn conversation_clips(speech: &Path) -> Vec<Clip> {
+    let (wav, stm) = (speech.join("pyannote_sample.wav"), speech.join("pyannote_sample.stm"));
+    if !wav.is_file() || !stm.is_file() {
+        eprintln!("skipping {} (run scripts/deps-turns.sh)", wav.display());
+        return Vec::new();
+    }
+    let s = read_8k(&wav);
+    let text = std::fs::read_to_string(&stm).unwrap_or_else(|e| panic!("{}: {e}", stm.display()));
+    // (speaker, start ms, end ms, words) per segment.
+    let segs: Vec<(String, u32, u32, String)> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 6, "{}: not an STM line: {l:?}", stm.display());
+            let ms = |x: &str| {
+                (x.parse::<f64>()
+                    .unwrap_or_else(|e| panic!("{}: {x:?}: {e}", stm.display()))
+                    * 1000.0)
+                    .round() as u32
+            };
+            (f[2].to_string(), ms(f[3]), ms(f[4]), f[5..].join(" "))
+        })
+        .collect();
+    let mut turns: Vec<Vec<&(String, u32, u32, String)>> = Vec::new();
+    for seg in &segs {
+        match turns.last_mut() {
+            Some(t) if t[0].0 == seg.0 => t.push(seg),
+            _ => turns.push(vec![seg]),
+        }
+    }
+    turns.pop();
+    let lead = 500u32;
+    let mut out = Vec::new();
+    for t in turns {
+        let (from, to) = (t[0].1, t[t.len() - 1].2);
+        let ms = |t: u32| ((t * RATE / 1000) as usize).min(s.len());
+        let mut x = vec![0i16; ms(lead)];
+        let mut turn = s[ms(from)..ms(to)].to_vec();
+        let fade = (RATE / 100) as usize;
+        let n = turn.len();
+        for (i, v) in turn[n.saturating_sub(fade)..].iter_mut().enumerate() {
+            *v = (*v as f32 * (fade - i) as f32 / fade as f32) as i16;
+        }
+        x.extend(turn);
+        x.extend(std::iter::repeat_n(0i16, 2 * RATE as usize));
+        let (found, _) = pauses_of(&x, 250);
+        let end = lead + to - from;
+        let inside: Vec<(u32, u32)> = found.into_iter().filter(|&(a, b)| a > lead && b < end).collect();
+        let boundary = |(a, b): &(u32, u32)| {
+            t[..t.len() - 1]
+                .iter()
+                .any(|seg| (a.saturating_sub(100)..=b + 100).contains(&(lead + seg.2 - from)))
+        };
+        let (sentence, mid): (Vec<_>, Vec<_>) = inside.into_iter().partition(boundary);
+        let words: Vec<&str> = t.iter().map(|seg| seg.3.as_str()).collect();
+        out.push(Clip {
+            name: format!(
+                "pyannote_sample {} {:.2}-{:.2}s \"{}\"",
+                t[0].0,
+                from as f64 / 1000.0,
+                to as f64 / 1000.0,
+                words.join(" ")
+            ),
+            kind: Kind::Conversation,
+            samples: x,
+            pauses: mid,
+            sentence_pauses: sentence,
+            speech_end: end,
         });
     }
     out
@@ -234,6 +342,9 @@ struct Outcome {
     sentence_pauses: usize,
     /// Sentence-end pauses inside the recording taken as the end of the turn.
     sentence_ends_taken: usize,
+    /// Ends decided before the end of the turn at no labelled pause: in a pause shorter than
+    /// the labels' 250 ms, or where the labels hear speech and the VAD does not (quiet words).
+    other_early: usize,
     delay_ms: Option<u32>,
 }
 
@@ -296,6 +407,14 @@ fn run(
         let ready: Vec<_> = due.iter().filter(|d| d.0 <= now).cloned().collect();
         due.retain(|d| d.0 > now);
         for (_, pause, p) in ready {
+            if std::env::var_os("TURN_PRINT_VERDICTS").is_some() && independent {
+                println!(
+                    "   verdict {}: {:.3} at {now} ms ({:+} ms from the end of the turn)",
+                    clip.name,
+                    p,
+                    now as i64 - clip.speech_end as i64
+                );
+            }
             actions.extend(policy.on(Event::Verdict { pause, probability: p }));
         }
         for a in actions {
@@ -336,11 +455,21 @@ fn run(
         .iter()
         .find(|&&d| d >= clip.speech_end)
         .map(|&d| d - clip.speech_end);
+    let labelled = |d: u32| {
+        clip.pauses
+            .iter()
+            .chain(&clip.sentence_pauses)
+            .any(|&(a, b)| d > a && d <= b + 20)
+    };
     Outcome {
         pauses: clip.pauses.len(),
         cut_ins: taken(&clip.pauses),
         sentence_pauses: clip.sentence_pauses.len(),
         sentence_ends_taken: taken(&clip.sentence_pauses),
+        other_early: decisions
+            .iter()
+            .filter(|&&d| d < clip.speech_end && !labelled(d))
+            .count(),
         delay_ms,
     }
 }
@@ -378,7 +507,7 @@ fn main() {
     };
     let clips = clips();
     if std::env::var_os("TURN_PRINT_PAUSES").is_some() {
-        for c in clips.iter().filter(|c| !c.name.contains('+')) {
+        for c in clips.iter().filter(|c| c.kind != Kind::Joined) {
             let f = |v: &[(u32, u32)]| v.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>().join(" ");
             println!(
                 "pauses {} (speech ends {} ms): mid-sentence [{}], after a sentence [{}]",
@@ -439,21 +568,39 @@ fn main() {
         "cut-ins: each mid-sentence pause judged as if no earlier pause had been taken; \"cascading\": \
          a pause taken ends the utterance, so the next pause is judged on the words since"
     );
+    let turns = |k: Kind| clips.iter().filter(|c| c.kind == k).count();
     println!(
-        "{:<22} {:>16} {:>16} {:>16} {:>14} {:>10} {:>10} {:>7}",
-        "mode", "cut-ins joined", "cut-ins readings", "sentence ends", "cascading", "delay p50", "delay p95", "no end"
+        "turn ends: {} joined (espeak-ng), {} readings, {} conversation turns (real speech: \"real\" below)",
+        turns(Kind::Joined),
+        turns(Kind::Reading),
+        turns(Kind::Conversation)
+    );
+    println!(
+        "{:<22} {:>15} {:>15} {:>15} {:>11} {:>15} {:>10} {:>10} {:>15} {:>7}",
+        "mode",
+        "cut-ins joined",
+        "cut-ins real",
+        "sentence ends",
+        "other early",
+        "cascading",
+        "delay p50",
+        "delay p95",
+        "real p50/p95",
+        "no end"
     );
     for (name, tc) in &modes {
         let mut infer = Vec::new();
-        let (mut pj, mut cj, mut pr, mut cr, mut ps, mut cs) = (0, 0, 0, 0, 0, 0);
+        let (mut pj, mut cj, mut pr, mut cr, mut ps, mut cs, mut early) = (0, 0, 0, 0, 0, 0, 0);
         let mut delays = Vec::new();
+        let mut real_delays = Vec::new();
         let mut missed = 0;
         let mut cascading = 0;
         for c in &clips {
             let model = (tc.mode == TurnMode::Smart).then_some(&model);
             let o = run(c, tc, &vad_cfg, model, &mut infer, silero.as_ref(), true);
             cascading += run(c, tc, &vad_cfg, model, &mut Vec::new(), silero.as_ref(), false).cut_ins;
-            if c.name.contains("+") {
+            early += o.other_early;
+            if c.kind == Kind::Joined {
                 pj += o.pauses;
                 cj += o.cut_ins;
             } else {
@@ -463,26 +610,33 @@ fn main() {
                 cs += o.sentence_ends_taken;
             }
             match o.delay_ms {
-                Some(d) => delays.push(d),
+                Some(d) => {
+                    delays.push(d);
+                    if c.kind != Kind::Joined {
+                        real_delays.push(d);
+                    }
+                }
                 None => missed += 1,
             }
             if std::env::var_os("VERBOSE").is_some() {
                 println!(
-                    "   {name} {}: {} of {} mid-sentence pauses cut, {} of {} sentence ends taken, delay {:?}",
-                    c.name, o.cut_ins, o.pauses, o.sentence_ends_taken, o.sentence_pauses, o.delay_ms
+                    "   {name} {}: {} of {} mid-sentence pauses cut, {} of {} sentence ends taken, {} other early ends, delay {:?}",
+                    c.name, o.cut_ins, o.pauses, o.sentence_ends_taken, o.sentence_pauses, o.other_early, o.delay_ms
                 );
             }
         }
         let share = |c: usize, p: usize| format!("{c}/{p} ({:.1}%)", 100.0 * c as f64 / p.max(1) as f64);
         println!(
-            "{:<22} {:>16} {:>16} {:>16} {:>14} {:>7} ms {:>7} ms {:>7}",
+            "{:<22} {:>15} {:>15} {:>15} {:>11} {:>15} {:>7} ms {:>7} ms {:>15} {:>7}",
             name,
             share(cj, pj),
             share(cr, pr),
             share(cs, ps),
+            early,
             share(cascading, pj + pr),
             pct(&delays, 0.5),
             pct(&delays, 0.95),
+            format!("{} / {} ms", pct(&real_delays, 0.5), pct(&real_delays, 0.95)),
             missed
         );
         if !infer.is_empty() {

@@ -89,7 +89,7 @@ unzip_member "$SPEECH_WHL" moonshine_voice/assets/beckett.wav "$MIRROR/speech/be
 unzip_member "$SPEECH_WHL" moonshine_voice/assets/two_cities.wav "$MIRROR/speech/two_cities.wav"
 
 log "ok: native libs in $LIB_DIR, test models in $MIRROR"
-"$(dirname "${BASH_SOURCE[0]}")/deps-turns.sh"   # issue 8: Silero VAD, Smart Turn, endgame_nagg_nell.wav
+"$(dirname "${BASH_SOURCE[0]}")/deps-turns.sh"   # issue 8: Silero VAD, Smart Turn, test speech
 bash "$(dirname "${BASH_SOURCE[0]}")/deps-openai.sh"  # issue 10: llama-cpp-python[server] for the openai backend tests
 bash "$(dirname "${BASH_SOURCE[0]}")/deps-console.sh"   # issue 11: ALSA headers, PulseAudio for the console tests
 bash "$(dirname "${BASH_SOURCE[0]}")/deps-admin.sh"   # issue 9: prometheus + chromium for tests/admin.rs
