@@ -31,8 +31,8 @@
 //! given three ways: from the peak (VmHWM, one sample, so transient peaks such as concurrent
 //! syntheses weigh in it), from the RSS sampled while the calls are live and quiet (their
 //! `BENCH_HOLD_MS` hold, >= 10 s), and from the RSS before the warm-up round. The server runs
-//! with `MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0` unless MALLOC_CONF is set, so memory
-//! freed by earlier calls is not counted as idle.
+//! with `MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0` unless MALLOC_CONF is set, so memory
+//! freed by earlier calls is not counted as idle (jemalloc's default keeps it 10 s).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -208,11 +208,13 @@ fn tts_waits(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64) {
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     // issue 10: the server (which inherits this environment) has jemalloc hand freed pages back
-    // to the kernel at once, so its RSS after a round is what is still in use, not what the
-    // allocator kept of the warm-up calls (its default decay is 10 s). Set MALLOC_CONF to
-    // override, e.g. `MALLOC_CONF=dirty_decay_ms:10000` for jemalloc's default.
+    // to the kernel after 1 s instead of 10, so its RSS in the quiet end of a round (and 2 s
+    // after the warm-up round) is what is still in use, not what the allocator kept of earlier
+    // calls. Not 0: at 0 every synthesis faults its tensors in afresh (Piper's real-time factor
+    // 0.22 -> 0.30 on a 2-core AMD EPYC), which made the bench's latency worse than serve's.
+    // Set MALLOC_CONF to override, e.g. `MALLOC_CONF=dirty_decay_ms:10000` for jemalloc's default.
     if std::env::var_os("MALLOC_CONF").is_none() {
-        std::env::set_var("MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0");
+        std::env::set_var("MALLOC_CONF", "dirty_decay_ms:1000,muzzy_decay_ms:0");
     }
     let counts: Vec<usize> = std::env::var("BENCH_CALLS")
         .unwrap_or_else(|_| "1,4,8".into())
@@ -244,13 +246,17 @@ fn main() {
     } else {
         stt_kb_per_call(&wavs, 4)
     };
-    println!(
-        "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB, of which {:.1} MB \
-         grew after the first utterance (a recognizer kept in the pool from a warm-up call grows by that in a \
-         measured call, so that much of the figures \"live and quiet\" below is Vosk's)",
-        stt_kb / 1024.0,
-        stt_growth_kb / 1024.0
-    );
+    if stt_kb.is_nan() {
+        println!("Vosk recognizer RSS per call: not measured (BENCH_STT_SHARE=0)");
+    } else {
+        println!(
+            "Vosk recognizer RSS per call (in-process, 4 recognizers after the utterances): {:.1} MB, of which {:.1} MB \
+             grew after the first utterance (a recognizer kept in the pool from a warm-up call grows by that in a \
+             measured call, so that much of the figures \"live and quiet\" below is Vosk's)",
+            stt_kb / 1024.0,
+            stt_growth_kb / 1024.0
+        );
+    }
     // BENCH_HOLD_MS: each simulated caller stays on the line this long after its last
     // utterance (`simulate --hold-ms`), so a reply slower than the filler is still heard.
     let hold_ms: Option<String> = std::env::var("BENCH_HOLD_MS").ok();
@@ -352,7 +358,8 @@ fn main() {
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or("?")
             .to_string();
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        // Past the default MALLOC_CONF's 1 s decay, so what the warm-up calls freed is returned.
+        std::thread::sleep(std::time::Duration::from_millis(2000));
         let idle_rss = status_kb(pid, "VmRSS:");
         let mut args: Vec<&str> = Vec::new();
         for w in &wavs {
