@@ -249,7 +249,7 @@ fn conversation_clips(speech: &Path) -> Vec<Clip> {
     let mut out = Vec::new();
     for t in turns {
         let (from, to) = (t[0].1, t[t.len() - 1].2);
-        let ms = |t: u32| ((t * RATE / 1000) as usize).min(s.len());
+        let ms = |at: u32| ((at * RATE / 1000) as usize).min(s.len());
         let mut x = vec![0i16; ms(lead)];
         let mut turn = s[ms(from)..ms(to)].to_vec();
         let fade = (RATE / 100) as usize;

@@ -113,8 +113,12 @@ fn main() {
         return;
     }
     for which in ["off", "on"] {
+        // The children's jemalloc runs with the binary's compiled-in options, as `serve` does,
+        // unless MALLOC_CONF is set.
+        let conf = std::env::var("MALLOC_CONF").unwrap_or_else(|_| asterisk_voice_agent::jemalloc_conf_str().into());
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .env("TTS_MEMORY_CHILD", which)
+            .env("MALLOC_CONF", conf)
             .status()
             .expect("child bench");
         assert!(status.success(), "the {which} run failed");

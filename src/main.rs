@@ -13,18 +13,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 // Keeps jemalloc's unprefixed `malloc` & co. in the link even where no Rust code names them.
 use tikv_jemalloc_sys as _;
 
-/// jemalloc's options compiled into the binary (its `malloc_conf` symbol, read before the
-/// `MALLOC_CONF` environment variable, whose options win). `oversize_threshold:0` turns off
-/// jemalloc's dedicated arena for requests of 8 MiB and more, which hands such memory back to
-/// the kernel as soon as it is freed: Piper's tensors for a sentence are that large, so with
-/// ONNX Runtime's arena off (`tts.memory_arena = false`, issue 7) every synthesis faulted them
-/// in afresh. Measured (`TTS_SENTENCES=50 cargo bench --bench tts_memory`, 2-core AMD EPYC
-/// without AVX-512): real-time factor 0.22 -> 0.13, RSS after 50 sentences 123 -> 182 MiB (the
-/// freed pages are kept for `dirty_decay_ms`, 10 s, then returned); with ONNX Runtime's arena
-/// on instead RSS reached 364 MiB and kept growing.
+/// jemalloc's compiled-in options: [`asterisk_voice_agent::JEMALLOC_CONF`] (its docs say why).
 #[allow(non_upper_case_globals)]
 #[export_name = "malloc_conf"]
-static malloc_conf: &[u8; 21] = b"oversize_threshold:0\0";
+static malloc_conf: &[u8; 21] = asterisk_voice_agent::JEMALLOC_CONF;
 
 fn main() -> std::process::ExitCode {
     passive_openmp();
